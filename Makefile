@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv when missing and install the package with the torch pin in constraints.txt.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PIP     := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: install test demo demo-quick lint bench wordnet clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) -e '.[dev]'
+	@bash scripts/install_wordnet.sh $(VENV) || true
+	@touch $(STAMP)
+
+# Optional: WordNet for EDA synonyms from Debian packages; never fails the install.
+wordnet: $(STAMP)
+	@bash scripts/install_wordnet.sh $(VENV) || true
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/clip-backdoor demo
+
+demo-quick: $(STAMP)
+	$(BIN)/clip-backdoor demo --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,60 @@
+"""The one entry point: ``clip-backdoor <command> [args]``.
+
+Each command lives next to the code it drives and exposes ``main(argv: list[str]) -> int`` (the
+open_clip habit: every command is callable from a test with a list of strings). This module only
+dispatches, and turns a :class:`~clip_backdoor.errors.UserError` into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from clip_backdoor.errors import UserError
+
+# name -> (module with main(argv), one-line help). Imported lazily so `--help` is instant.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("clip_backdoor.data.world", "generate or materialise the synthetic caption world"),
+    "poison": ("clip_backdoor.attacks.poison", "poison a caption dataset; cleaning sets; previews"),
+    "pretrain": ("clip_backdoor.train.commands", "pre-train CLIP (mmcl | mmcl+ssl | ssl)"),
+    "clean": ("clip_backdoor.train.commands", "fine-tune a checkpoint with a cleaning method"),
+    "evaluate": ("clip_backdoor.evaluate", "zero-shot accuracy and attack success rate"),
+    "export": ("clip_backdoor.train.checkpoint", "export checkpoint weights (safetensors)"),
+    "study": ("clip_backdoor.study.runner", "run or report a study described by one YAML file"),
+    "demo": ("clip_backdoor.demo", "the end-to-end demo on the synthetic world"),
+    "bench": ("clip_backdoor.bench", "run the throughput benchmarks"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: clip-backdoor <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `clip-backdoor <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"clip-backdoor: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    module = importlib.import_module(COMMANDS[name][0])
+    # Modules serving several commands (pretrain/clean) get the command name first.
+    entry = getattr(module, f"main_{name}", None) or module.main
+    try:
+        return int(entry(rest) or 0)
+    except UserError as e:
+        print(f"clip-backdoor {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
