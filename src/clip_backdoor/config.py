@@ -1,0 +1,242 @@
+"""Typed configuration for every stage: dataclasses, YAML in, dotted overrides, resolved YAML out.
+
+A run's config is data (YAML), never executed code. Unknown keys and wrong types are rejected with
+the key's dotted path and the file it came from, so a typo never silently falls back to a default
+(a flag that silently does nothing is one of the reference code's smells).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clip_backdoor.errors import UserError
+
+
+# --------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Where image-caption pairs come from (see clip_backdoor.data.captions.make_source)."""
+
+    kind: str = "synthetic"  # synthetic | csv | wds
+    path: str | None = None  # CSV file, or WebDataset shard pattern (brace expansion allowed)
+    num_samples: int = 10000  # synthetic: pairs in the world's training stream; wds: overrides sizes.json
+    offset: int = 0  # synthetic: first world index (a cleaning set drawn from held-out indices)
+    world_seed: int = 0  # synthetic world seed (the world, not the training order)
+    image_key: str = "image"
+    caption_key: str = "caption"
+    separator: str = ","
+    poison_manifest: str | None = None  # manifest.csv: poisons applied on the fly (manifest-only mode)
+    workers: int = 2
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot accuracy and ASR, evaluated during training and by `clip-backdoor evaluate`."""
+
+    kind: str = "synthetic"  # synthetic | imagefolder | labels_csv
+    path: str | None = None
+    n: int = 2000  # synthetic: number of eval images
+    target: str | None = "banana"  # ASR target class name; None = accuracy only
+    trigger: str | None = "badnet"
+    trigger_params: dict = field(default_factory=dict)
+    seed: int = 0  # test-time trigger seed: a checkpoint's ASR is repeatable
+    every: int = 1  # evaluate every N epochs (0 = never during training)
+    batch_size: int = 256
+    workers: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    """L = mmcl_weight * L_mmcl + ssl_weight * L_ssl (REFERENCE.md, Objectives)."""
+
+    mmcl_weight: float = 1.0
+    ssl_weight: float = 0.0
+    ssl_symmetric: bool = False
+    eda: str = "static"  # static (reference: once per caption) | dynamic (fresh per epoch)
+    eda_alpha: float = 0.1
+    image_policy: str = "imagenet"  # AutoAugment policy for the image view
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    grad_clip: float | None = None  # max global grad norm; None = no clipping
+
+
+@dataclass
+class TrainConfig:
+    """One run of the one training loop: pre-training, or cleaning from a checkpoint."""
+
+    run_dir: str = "runs/pretrain"
+    model: str = "tiny"  # registry name or path to a JSON model config
+    init_checkpoint: str | None = None  # cleaning: start from these weights
+    optimizer_state: str = "fresh"  # fresh | inherit (reference compat: keep the checkpoint's moments)
+    method: str | None = None  # cleaning recipe name (clip_backdoor.cleaning); None = plain run
+    method_params: dict = field(default_factory=dict)
+    epochs: int = 5
+    batch_size: int = 128
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch intra-op threads (None = torch's default)
+    seed: int = 0  # training seed: init, data order, augmentations (poison seed lives elsewhere)
+    eval_at_start: bool = False  # evaluate before the first step (epoch 0 of a cleaning run)
+    save_every: int = 1  # also keep checkpoints/epoch_N.pt every K epochs (0 = latest.pt only)
+    resume: bool = True  # continue from run_dir/checkpoints/latest.pt when present
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation
+# --------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int->float, return the value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types name their dotted path."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would ("1e-4" -> float, "true" -> bool, "null" -> None)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-4" as a string; users mean a number.
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str = "override") -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict (a copy is returned)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"{where} {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+        key, text = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{where} {key}: {part} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Any:
+    """``base`` dict, then the YAML file, then dotted overrides; validated into ``cls``."""
+    data: dict = dict(base or {})
+    where = "config"
+    if path is not None:
+        data = _deep_merge(data, load_yaml(path))
+        where = str(path)
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data, where)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_yaml(obj: Any) -> str:
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,437 @@
+"""The one training loop. Pre-training and cleaning are both "this loop": cleaning starts from a
+checkpoint's weights, usually evaluates before its first step (epoch 0) and may bring a recipe.
+
+Read it top to bottom: 1. processes and device  2. data  3. model  4. optimizer  5. resume
+6. epochs (step, evaluate, log, checkpoint).
+
+Determinism: the data order depends on (seed, epoch), every augmentation on (seed, step) or
+(seed, row, epoch), never on global RNG state. So resuming from the end of epoch k replays
+epochs k+1.. exactly like an uninterrupted run (same thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from clip_backdoor.config import TrainConfig, dump_yaml, to_dict
+from clip_backdoor.data.transforms import normalize
+from clip_backdoor.errors import UserError
+from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_jsonl
+from clip_backdoor.objectives import Objective
+from clip_backdoor.train import distributed as D
+from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, save_checkpoint, unwrap
+from clip_backdoor.train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class RunContext:
+    """What a recipe hook may look at (and the loop's own bookkeeping)."""
+
+    cfg: TrainConfig
+    env: D.DistEnv
+    device: torch.device
+    model: torch.nn.Module  # possibly DDP-wrapped; use unwrap(model) for the bare CLIP
+    loader: Any
+    objective: Objective
+    epoch: int = 0
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Recipe:
+    """Hooks a cleaning method may override; the default does nothing (plain pre-training)."""
+
+    name: str | None = None
+    params: dict = {}
+
+    def prepare_model(self, model: torch.nn.Module, ctx: RunContext) -> None:
+        """Called once on a fresh start (never on resume), before the optimizer is built."""
+
+    def on_epoch_start(self, ctx: RunContext) -> None:
+        """Called before each training epoch (e.g. recompute pseudo-labels)."""
+
+    def extra_losses(self, outputs: dict, batch: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
+        """Additional weighted loss terms, {name: tensor}; summed into the loss and logged."""
+        return {}
+
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers of the recipe's own parameters (e.g. a clustering head), stepped with the model's."""
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def resolve_device(name: str, env: D.DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and env.enabled:
+        name = f"cuda:{env.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available (use device=cpu)")
+    return torch.device(name)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the image view drawn at a global step: a pure function, so resume replays it."""
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
+    """Run (or resume, or report finished) one training run; returns the last metrics line."""
+    recipe = recipe or Recipe()
+    run_dir = Path(cfg.run_dir)
+
+    # 1. Processes and device --------------------------------------------------------------
+    device_kind = "cuda" if cfg.device.startswith("cuda") or (
+        cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    env = D.init_distributed(device_kind)
+    device = resolve_device(cfg.device, env)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.precision not in _AUTOCAST:
+        raise UserError(f"precision {cfg.precision!r}: choose fp32, bf16 or fp16")
+    if cfg.optimizer_state not in ("fresh", "inherit"):
+        raise UserError(f"optimizer_state {cfg.optimizer_state!r}: choose fresh or inherit")
+    if cfg.epochs < 1:
+        raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
+
+    # A finished run is reported, not retrained.
+    latest = latest_path(run_dir)
+    resume_ckpt = None
+    if cfg.resume and latest.exists():
+        from clip_backdoor.weights import load_checkpoint
+
+        resume_ckpt = load_checkpoint(latest)
+        if resume_ckpt["epoch"] >= cfg.epochs:
+            lines = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+            log.info("%s is finished (epoch %d of %d); nothing to do", run_dir, resume_ckpt["epoch"],
+                     cfg.epochs)
+            return lines[-1] if lines else {"epoch": resume_ckpt["epoch"]}
+
+    # 2. Data -------------------------------------------------------------------------------
+    model, init_ckpt = _build_model(cfg, device)
+    objective = Objective(mmcl_weight=cfg.objective.mmcl_weight, ssl_weight=cfg.objective.ssl_weight,
+                          ssl_symmetric=cfg.objective.ssl_symmetric)
+    loader = build_loader(cfg, image_size=model.image_size, context_length=model.context_length,
+                          env=env, with_text_view=objective.uses_ssl)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"data: {loader.num_samples} samples give no full batch of {cfg.batch_size} "
+                        f"per rank on {env.world_size} rank(s); lower batch_size")
+    total_steps = cfg.epochs * steps_per_epoch
+    image_view = _image_view(cfg) if objective.uses_ssl else None
+    eval_set, trigger = _eval_parts(cfg, model.image_size)
+
+    # 3. Model ------------------------------------------------------------------------------
+    ctx = RunContext(cfg=cfg, env=env, device=device, model=model, loader=loader, objective=objective)
+    if resume_ckpt is None:
+        recipe.prepare_model(model, ctx)
+    if env.enabled:
+        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        ctx.model = model
+
+    # 4. Optimizer --------------------------------------------------------------------------
+    o = cfg.optim
+    optimizer = build_optimizer(unwrap(model), lr=o.lr, weight_decay=o.weight_decay,
+                                betas=(o.beta1, o.beta2), eps=o.eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    if resume_ckpt is None and init_ckpt is not None and cfg.optimizer_state == "inherit":
+        _inherit_optimizer(optimizer, init_ckpt, o.weight_decay)
+
+    # 5. Resume -----------------------------------------------------------------------------
+    start_epoch, step = 0, 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume_ckpt is not None:
+        unwrap(model).load_state_dict(resume_ckpt["state_dict"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        if resume_ckpt.get("scaler"):
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        recipe.load_state_dict(resume_ckpt.get("recipe") or {})
+        start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
+        _warn_config_drift(resume_ckpt.get("config") or {}, to_dict(cfg))
+        if env.is_main and metrics_path.exists():  # drop lines written after the checkpoint
+            write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch])
+        log.info("resuming %s from epoch %d (step %d)", run_dir, start_epoch, step)
+    elif env.is_main:
+        if metrics_path.exists():
+            metrics_path.unlink()  # a fresh start owns its metrics file
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+
+    method = {"name": recipe.name, **recipe.params} if recipe.name else None
+
+    def emit(row: dict) -> None:
+        if method:
+            row["method"] = method
+        if env.is_main:
+            rows = read_jsonl(metrics_path) if metrics_path.exists() else []
+            write_jsonl(metrics_path, rows + [row])
+        log.info(_summary_line(row, cfg.epochs))
+
+    # Epoch 0: the starting point of a cleaning run, evaluated before any step.
+    if start_epoch == 0 and cfg.eval_at_start:
+        row = {"epoch": 0, "step": 0, "logit_scale": unwrap(model).logit_scale.exp().item()}
+        row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
+        emit(row)
+
+    # 6. Epochs -----------------------------------------------------------------------------
+    autocast_dtype = _AUTOCAST[cfg.precision]
+    row: dict = {}
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        ctx.epoch, ctx.step = epoch, step
+        loader.set_epoch(epoch)
+        recipe.on_epoch_start(ctx)
+        model.train()
+        sums: dict[str, float] = {}
+        n_seen, n_skipped, t0 = 0, 0, time.perf_counter()
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=not env.is_main or not sys.stderr.isatty(), mininterval=1.0)
+        for batch in bar:
+            lr = lr_at(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps)
+            set_lr(optimizer, lr)
+            ctx.step = step
+            losses = _forward_losses(model, batch, objective, image_view, recipe, ctx, device,
+                                     autocast_dtype)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                good = latest if latest.exists() else None
+                raise UserError(f"loss became {loss.item()} at step {step} (epoch {epoch}); run stopped, "
+                                f"last good checkpoint: {good or 'none yet'}")
+            extra_opts = recipe.extra_optimizers()
+            for opt in [optimizer, *extra_opts]:
+                opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if o.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            scaler.step(optimizer)
+            for opt in extra_opts:  # not DDP-wrapped: average their gradients by hand
+                _average_grads(opt, env)
+                scaler.step(opt)
+            scaler.update()
+            unwrap(model).clamp_logit_scale()
+            step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n_seen += batch["images"].shape[0]
+            n_skipped += int(batch.get("n_skipped", 0))
+            if env.is_main and not bar.disable:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        seconds = time.perf_counter() - t0
+
+        row = {"epoch": epoch, "step": step}
+        row.update({k: v / steps_per_epoch for k, v in sums.items()})
+        row.update({"lr": lr, "logit_scale": unwrap(model).logit_scale.exp().item(),
+                    "samples_per_s": D.all_reduce_sum_int(n_seen, env, device) / seconds,
+                    "seconds": seconds, "n_skipped": D.all_reduce_sum_int(n_skipped, env, device)})
+        if row["n_skipped"]:
+            log.warning("epoch %d: skipped %d unreadable samples", epoch, row["n_skipped"])
+        if cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
+            row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
+        emit(row)
+
+        if env.is_main:
+            ckpt = {"epoch": epoch, "step": step, "model": unwrap(model).config,
+                    "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": {"kind": "warmup_cosine", "base_lr": o.lr, "warmup_steps": o.warmup_steps,
+                                  "total_steps": total_steps},
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
+                    "config": to_dict(cfg)}
+            if cfg.save_every and epoch % cfg.save_every == 0:
+                save_checkpoint(checkpoint_dir(run_dir) / f"epoch_{epoch}.pt", ckpt)
+            save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
+        D.barrier(env)
+
+    D.cleanup(env)
+    return row
+
+
+# ------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ------------------------------------------------------------------------------------------
+def _build_model(cfg: TrainConfig, device: torch.device):
+    from clip_backdoor.models import create_model
+    from clip_backdoor.weights import model_from_checkpoint
+
+    if cfg.init_checkpoint:
+        model, ckpt = model_from_checkpoint(cfg.init_checkpoint, device="cpu")
+        return model.to(device), ckpt
+    return create_model(cfg.model, seed=cfg.seed).to(device), None
+
+
+def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env: D.DistEnv,
+                 with_text_view: bool):
+    from clip_backdoor.data.captions import build_train_loader, make_source
+
+    source = make_source(_source_spec(cfg))
+    if cfg.data.poison_manifest:
+        from clip_backdoor.attacks.poison import PoisonedSource
+
+        source = PoisonedSource(source, cfg.data.poison_manifest, image_size=image_size)
+    eda = None
+    if with_text_view:
+        from clip_backdoor.data.augment import EDA
+
+        eda = EDA(mode=cfg.objective.eda, seed=cfg.seed, alpha=cfg.objective.eda_alpha)
+    return build_train_loader(source, image_size=image_size, context_length=context_length,
+                              batch_size=cfg.batch_size, workers=cfg.data.workers, seed=cfg.seed, eda=eda,
+                              rank=env.rank, world_size=env.world_size)
+
+
+def _source_spec(cfg: TrainConfig) -> dict:
+    d = cfg.data
+    if d.kind == "synthetic":
+        return {"kind": "synthetic", "num_samples": d.num_samples, "offset": d.offset,
+                "world_seed": d.world_seed, "seed": cfg.seed}
+    if d.kind in ("csv", "wds"):
+        if not d.path:
+            raise UserError(f"data.path: required for data.kind={d.kind}")
+        spec = {"kind": d.kind, "path": d.path, "seed": cfg.seed}
+        if d.kind == "csv":
+            spec.update(image_key=d.image_key, caption_key=d.caption_key, separator=d.separator)
+        return spec
+    raise UserError(f"data.kind {d.kind!r}: choose synthetic, csv or wds")
+
+
+def _image_view(cfg: TrainConfig):
+    from clip_backdoor.data.augment import ImageView
+
+    return ImageView(policy=cfg.objective.image_policy)
+
+
+def _eval_parts(cfg: TrainConfig, image_size: int):
+    """The eval set and test-time trigger, built once per run (None when evaluation is off)."""
+    if not (cfg.eval.every or cfg.eval_at_start):
+        return None, None
+    from clip_backdoor.data.classification import open_eval_set
+
+    e = cfg.eval
+    spec = {"kind": e.kind, "path": e.path, "n": e.n, "world_seed": cfg.data.world_seed}
+    eval_set = open_eval_set(spec, image_size)
+    trigger = None
+    if e.trigger and e.target:
+        from clip_backdoor.attacks.triggers import get_trigger
+
+        trigger = get_trigger(e.trigger, **e.trigger_params)
+    return eval_set, trigger
+
+
+def _evaluate(model, eval_set, trigger, cfg: TrainConfig, device, env: D.DistEnv) -> dict:
+    """Rank 0 evaluates the bare model; every rank waits, so DDP stays in step."""
+    if eval_set is None:
+        return {}
+    from clip_backdoor.evaluate import evaluate_model
+
+    metrics = {}
+    if env.is_main:
+        metrics = evaluate_model(unwrap(model), eval_set, target=cfg.eval.target if trigger else None,
+                                 trigger=trigger, seed=cfg.eval.seed, batch_size=cfg.eval.batch_size,
+                                 device=device, precision=cfg.precision, workers=cfg.eval.workers)
+    D.barrier(env)
+    return metrics
+
+
+def _forward_losses(model, batch, objective: Objective, image_view, recipe: Recipe, ctx: RunContext,
+                    device, autocast_dtype) -> dict[str, torch.Tensor]:
+    images = batch["images"].to(device, non_blocking=True).float().div_(255)
+    texts = batch["texts"].to(device, non_blocking=True)
+    n = images.shape[0]
+    if objective.uses_ssl:
+        # Originals and augmented views go through the model in one forward pass.
+        views = image_view(images, seed=step_seed(ctx.cfg.seed, ctx.step))
+        images = torch.cat([images, views])
+        texts = torch.cat([texts, batch["texts_aug"].to(device, non_blocking=True)])
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+                else contextlib.nullcontext())
+    with autocast:
+        out = model(image=normalize(images), text=texts)
+    u, v, s = out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()
+    feats = {"image_features": u[:n], "text_features": v[:n], "logit_scale": s}
+    if objective.uses_ssl:
+        feats.update(image_aug_features=u[n:], text_aug_features=v[n:])
+    losses = dict(objective(**feats))
+    extra = recipe.extra_losses(out, batch, ctx)
+    for name, value in extra.items():
+        losses[name] = value
+        losses["loss"] = losses["loss"] + value
+    return losses
+
+
+def _average_grads(optimizer: torch.optim.Optimizer, env: D.DistEnv) -> None:
+    if not env.enabled:
+        return
+    import torch.distributed as dist
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(env.world_size)
+
+
+def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
+    """Reference compat: keep the checkpoint's Adam moments *and* its param-group settings."""
+    state = ckpt.get("optimizer")
+    if not state:
+        raise UserError("optimizer_state=inherit: the checkpoint holds no optimizer state")
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"optimizer_state=inherit: the checkpoint's optimizer does not fit this model ({e})"
+                        ) from None
+    inherited = sorted({g["weight_decay"] for g in optimizer.param_groups})
+    if max(inherited) != requested_wd:
+        log.warning("optimizer_state=inherit keeps the checkpoint's weight decay %s; optim.weight_decay=%s "
+                    "is NOT applied (this is the reference code's behaviour)", inherited, requested_wd)
+
+
+def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
+    for key in sorted(set(old) | set(new)):
+        if key in ("resume", "epochs"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _warn_config_drift(a, b, f"{prefix}{key}.")
+        elif a != b:
+            log.warning("resume: %s%s changed from %r to %r since the checkpoint", prefix, key, a, b)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _summary_line(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"step {row['step']}"]
+    if "loss" in row:
+        terms = " ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss_"))
+        parts.append(f"loss {row['loss']:.3f}" + (f" ({terms})" if terms else ""))
+    for key in ("acc1", "asr1"):
+        if key in row and row[key] is not None and not math.isnan(row[key]):
+            parts.append(f"{key} {_pct(row[key])}")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.2e}")
+    if "samples_per_s" in row:
+        parts.append(f"{row['samples_per_s']:.0f} samples/s")
+    if "seconds" in row:
+        parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)
