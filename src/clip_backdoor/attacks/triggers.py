@@ -1,0 +1,342 @@
+"""Backdoor triggers: pure functions on float images in [0, 1] at the model resolution.
+
+A trigger is selected by name and parameters (``get_trigger("badnet", size=4)``) and called as
+``trigger(x, generator=g)`` on ``[3, H, W]`` or ``[B, 3, H, W]``. All randomness comes from ``g``;
+images of a batch draw from it one after another, so a batch equals the same images triggered in
+turn with one generator. Poisoning (one generator per row, seeded from the row's seed) and
+evaluation (one generator per evaluation seed) go through the same :func:`trigger_image` path:
+squash to the model resolution, trigger, quantise to 8 bits.
+
+What the reference code does (CleanCLIP / attack-cleanclip ``backdoor/utils.py``) and what we keep:
+
+* The image is ``ToTensor()``'d, i.e. already on the [0, 1] scale, when ``mean + randn(3, 16, 16)``
+  is formed: the noise has standard deviation 1 on the [0, 1] scale (= 255 grey levels), so most
+  patch values leave [0, 1]. We keep that scale. ``clip`` clamps them (saturated salt-and-pepper
+  noise around the image mean); ``wrap`` reproduces the reference's ``ToPILImage`` conversion,
+  ``mul(255).byte()``, whose float->uint8 cast truncates toward zero and wraps modulo 256.
+* The reference draws the corner with ``randint(0, 223 - patch_size)``, so a patch never touches
+  the last row or column; we draw uniformly over every position where the patch fits.
+* Blended uses fresh uniform noise per image (``fixed`` noise from a seed is offered too); SIG is
+  the horizontal sine of amplitude 60/255 with 6 periods, blended at 0.2 like the reference
+  (``combine=add`` gives the original additive SIG); WaNet warps with a fixed grid made from a
+  seed. The reference uses k=224, s=1 at 224 px; our defaults are the WaNet paper's k=4, s=0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clip_backdoor.data.transforms import squash, to_uint8
+from clip_backdoor.errors import UserError
+
+# The reference's patch is 16 px at 224 px; smaller images get a proportionally smaller patch,
+# but never below 4 px: a 3x3 patch of fresh noise at 32 px is barely a pattern to learn.
+REFERENCE_PATCH_SIZE = 16
+REFERENCE_RESOLUTION = 224
+MIN_AUTO_PATCH_SIZE = 4
+
+
+def auto_patch_size(height: int, width: int) -> int:
+    """Patch side for an image of this size: round(16 * side / 224), at least 4."""
+    side = min(height, width)
+    return max(MIN_AUTO_PATCH_SIZE, round(REFERENCE_PATCH_SIZE * side / REFERENCE_RESOLUTION))
+
+
+def wrap_like_uint8_cast(x: torch.Tensor) -> torch.Tensor:
+    """Values outside [0, 1] as the reference's ``mul(255).byte()`` leaves them, back on [0, 1].
+
+    The cast truncates toward zero and keeps the low 8 bits (``-0.3 -> 0``, ``-1.7 -> 255``,
+    ``300 -> 44``); values inside [0, 1] are returned unchanged (``to_uint8`` rounds them later).
+    """
+    wrapped = torch.remainder(torch.trunc(x * 255), 256) / 255
+    return torch.where((x >= 0) & (x <= 1), x, wrapped)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trigger:
+    """Base class: subclasses are frozen dataclasses whose fields are the trigger's parameters."""
+
+    name: ClassVar[str] = ""
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __post_init__(self) -> None:
+        for field, allowed in self.choices.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                raise UserError(f"trigger {self.name!r}: {field}={value!r} is not one of "
+                                f"{', '.join(allowed)}")
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raise ``UserError`` if this trigger cannot be applied to ``height x width`` images."""
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not x.is_floating_point() or x.ndim not in (3, 4) or x.shape[-3] != 3:
+            raise ValueError(f"expected float [3,H,W] or [B,3,H,W], got {x.dtype} {tuple(x.shape)}")
+        self.check_image_size(*x.shape[-2:])
+        if x.ndim == 3:
+            return self.apply_one(x, generator)
+        return torch.stack([self.apply_one(image, generator) for image in x])
+
+    def apply_one(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name}(" + ", ".join(f"{k}={v}" for k, v in self.params.items()) + ")"
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    """Uniform integer in [0, high)."""
+    return int(torch.randint(0, high, (1,), generator=generator, device=generator.device).item())
+
+
+@dataclasses.dataclass(frozen=True)
+class _PatchTrigger(Trigger):
+    """A square patch pasted at a random position, the bottom-right corner, or all four corners."""
+
+    size: int | None = None
+    location: str = "random"
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"location": ("random", "corner", "four_corners")}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.size is not None and self.size < 1:
+            raise UserError(f"trigger {self.name!r}: size={self.size} must be a positive number of pixels")
+
+    def patch_size(self, height: int, width: int) -> int:
+        return self.size if self.size is not None else auto_patch_size(height, width)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        size = self.patch_size(height, width)
+        if size > min(height, width):
+            raise UserError(f"trigger {self.name!r}: patch size {size} is larger than the "
+                            f"{height}x{width} image")
+
+    def make_patch(self, image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_one(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        size = self.patch_size(height, width)
+        # Draw order (documented because tests and reproducibility rely on it): position, then patch.
+        if self.location == "random":
+            corners = [(_randint(height - size + 1, generator), _randint(width - size + 1, generator))]
+        elif self.location == "corner":
+            corners = [(height - size, width - size)]
+        else:
+            corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size)]
+        patch = self.make_patch(image, size, generator).to(device=image.device, dtype=image.dtype)
+        out = image.clone()
+        for top, left in corners:
+            out[:, top:top + size, left:left + size] = patch
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BadNetNoise(_PatchTrigger):
+    """The paper's trigger: per-channel image mean + N(0, 1) noise, drawn fresh for every image."""
+
+    name: ClassVar[str] = "badnet"
+    mode: str = "clip"
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        **_PatchTrigger.choices, "mode": ("clip", "wrap")}
+
+    def make_patch(self, image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+        mean = image.mean(dim=(1, 2), keepdim=True).to(generator.device)
+        raw = mean + torch.randn((3, size, size), generator=generator, device=generator.device)
+        return raw.clamp(0, 1) if self.mode == "clip" else wrap_like_uint8_cast(raw)
+
+
+def _fixed_pattern(pattern: str, size: int) -> torch.Tensor:
+    if pattern == "checkerboard":
+        rows = torch.arange(size).view(-1, 1)
+        cols = torch.arange(size).view(1, -1)
+        return ((rows + cols) % 2).float().expand(3, size, size).clone()
+    colours = {"yellow": (1.0, 1.0, 0.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+    return torch.tensor(colours[pattern]).view(3, 1, 1).expand(3, size, size).clone()
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPatch(_PatchTrigger):
+    """A patch with a fixed pattern (the reference's yellow square, or a checkerboard)."""
+
+    name: ClassVar[str] = "patch"
+    pattern: str = "checkerboard"
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        **_PatchTrigger.choices, "pattern": ("checkerboard", "yellow", "white", "black")}
+
+    def make_patch(self, image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+        return _fixed_pattern(self.pattern, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blended(Trigger):
+    """(1 - alpha) * image + alpha * uniform noise; noise fresh per image or fixed by a seed."""
+
+    name: ClassVar[str] = "blended"
+    alpha: float = 0.2
+    noise: str = "fresh"
+    pattern_seed: int = 0
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"noise": ("fresh", "fixed")}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"trigger 'blended': alpha={self.alpha} must lie in [0, 1]")
+
+    def apply_one(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        shape = tuple(image.shape)
+        if self.noise == "fresh":
+            noise = torch.rand(shape, generator=generator, device=generator.device)
+        else:
+            noise = torch.rand(shape, generator=torch.Generator().manual_seed(self.pattern_seed))
+        noise = noise.to(device=image.device, dtype=image.dtype)
+        return ((1 - self.alpha) * image + self.alpha * noise).clamp(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SIG(Trigger):
+    """Horizontal sine ``amplitude * sin(2 pi periods x / W)``, blended (reference) or added."""
+
+    name: ClassVar[str] = "sig"
+    amplitude: float = 60 / 255
+    periods: float = 6.0
+    combine: str = "blend"
+    alpha: float = 0.2
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"combine": ("blend", "add")}
+
+    def signal(self, height: int, width: int) -> torch.Tensor:
+        cols = torch.arange(width, dtype=torch.float64)
+        row = self.amplitude * torch.sin(2 * math.pi * cols * self.periods / width)
+        return row.float().view(1, 1, width).expand(3, height, width)
+
+    def apply_one(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        signal = self.signal(*image.shape[-2:]).to(device=image.device, dtype=image.dtype)
+        if self.combine == "blend":
+            return ((1 - self.alpha) * image + self.alpha * signal).clamp(0, 1)
+        return (image + signal).clamp(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaNet(Trigger):
+    """Warp the image with a fixed smooth displacement field made from ``grid_seed``.
+
+    A ``k x k`` field of uniform noise (normalised to mean |.| = 1) is upsampled bicubically to the
+    image size; pixels move by ``s * field / H`` in grid_sample's [-1, 1] coordinates, i.e. about
+    ``s / 2`` pixels on average whatever the resolution.
+    """
+
+    name: ClassVar[str] = "wanet"
+    k: int = 4
+    s: float = 0.5
+    grid_seed: int = 0
+    grid_rescale: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1:
+            raise UserError(f"trigger 'wanet': k={self.k} must be at least 1")
+
+    def warp_grid(self, height: int, width: int) -> torch.Tensor:
+        """The sampling grid ``[1, H, W, 2]`` (x, y in [-1, 1]); a pure function of the parameters."""
+        seeded = torch.Generator().manual_seed(self.grid_seed)
+        field = torch.rand((1, 2, self.k, self.k), generator=seeded) * 2 - 1
+        field = field / field.abs().mean()
+        field = F.interpolate(field, size=(height, width), mode="bicubic", align_corners=True)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        identity = torch.stack((xs, ys), dim=-1).unsqueeze(0)
+        grid = (identity + self.s * field.permute(0, 2, 3, 1) / height) * self.grid_rescale
+        return grid.clamp(-1, 1)
+
+    def apply_one(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        grid = self.warp_grid(*image.shape[-2:]).to(device=image.device, dtype=image.dtype)
+        warped = F.grid_sample(image.unsqueeze(0), grid, mode="bilinear", align_corners=True)[0]
+        return warped.clamp(0, 1)
+
+
+TRIGGERS: dict[str, type[Trigger]] = {cls.name: cls for cls in (BadNetNoise, FixedPatch, Blended, SIG, WaNet)}
+
+
+def list_triggers() -> list[str]:
+    return list(TRIGGERS)
+
+
+def trigger_defaults(name: str) -> dict[str, Any]:
+    """The parameters of trigger ``name`` with their defaults."""
+    return dict(_trigger_class(name)().params)
+
+
+def _trigger_class(name: str) -> type[Trigger]:
+    if name not in TRIGGERS:
+        raise UserError(f"unknown trigger {name!r}; choose from {', '.join(TRIGGERS)}")
+    return TRIGGERS[name]
+
+
+def _coerce(name: str, key: str, value: Any, annotation: str) -> Any:
+    """Turn a CLI string (``"4"``, ``"none"``) into the parameter's declared type."""
+    if not isinstance(value, str):
+        if "float" in annotation and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    if "None" in annotation and value.lower() in ("none", "auto", ""):
+        return None
+    try:
+        if annotation.startswith("int"):
+            return int(value)
+        if annotation.startswith("float"):
+            return float(value)
+    except ValueError:
+        kind = "an integer" if annotation.startswith("int") else "a number"
+        raise UserError(f"trigger {name!r}: {key}={value!r} is not {kind}") from None
+    return value
+
+
+def get_trigger(name: str, **params: Any) -> Trigger:
+    """Build trigger ``name``; unknown names or parameters raise ``UserError`` listing the valid ones."""
+    cls = _trigger_class(name)
+    hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(hints))
+    if unknown:
+        raise UserError(f"trigger {name!r} has no parameter {', '.join(unknown)}; "
+                        f"valid: {', '.join(f'{k}={v}' for k, v in trigger_defaults(name).items())}")
+    typed = {key: _coerce(name, key, value, hints[key]) for key, value in params.items()}
+    return cls(**typed)
+
+
+def parse_trigger_params(items: typing.Iterable[str]) -> dict[str, str]:
+    """``["size=4", "location=corner"]`` -> ``{"size": "4", "location": "corner"}``."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"trigger parameter {item!r} must look like key=value")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def apply_trigger_uint8(images: torch.Tensor, trigger: Trigger, generator: torch.Generator) -> torch.Tensor:
+    """uint8 ``[3,H,W]`` or ``[B,3,H,W]`` -> float [0, 1] -> trigger -> uint8 (round + clamp)."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    return to_uint8(trigger(images.float() / 255, generator))
+
+
+def trigger_image(image: Image.Image | torch.Tensor, trigger: Trigger, image_size: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The one trigger path for poisoning and testing: squash to ``image_size``, trigger, quantise."""
+    return apply_trigger_uint8(squash(image, image_size), trigger, generator)
