@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from clip_backdoor.train.optim import build_optimizer, lr_at, split_decay
+
+
+class Toy(nn.Module):
+    """Every kind of parameter the CLIP models have, with names that would fool substring rules."""
+
+    def __init__(self):
+        super().__init__()
+        self.token_embedding = nn.Embedding(10, 4)
+        self.positional_embedding = nn.Parameter(torch.zeros(5, 4))
+        self.conv1 = nn.Conv2d(3, 4, 3, bias=False)
+        self.downsample = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))  # "0", "1"
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.ln_final = nn.LayerNorm(4)
+        self.mlp = nn.Linear(4, 4)
+        self.text_projection = nn.Parameter(torch.zeros(4, 4))
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+
+def _names(model, params):
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_decay_groups_by_module_type():
+    m = Toy()
+    decay, no_decay = split_decay(m)
+    assert _names(m, decay) == {"conv1.weight", "downsample.0.weight", "attn.in_proj_weight",
+                                "attn.out_proj.weight", "mlp.weight", "text_projection"}
+    assert _names(m, no_decay) == {"token_embedding.weight", "positional_embedding", "downsample.1.weight",
+                                   "downsample.1.bias", "attn.in_proj_bias", "attn.out_proj.bias",
+                                   "ln_final.weight", "ln_final.bias", "mlp.bias", "logit_scale"}
+
+
+def test_optimizer_groups_carry_the_weight_decay():
+    opt = build_optimizer(Toy(), lr=1e-3, weight_decay=0.1)
+    wd = {g["group"]: g["weight_decay"] for g in opt.param_groups}
+    assert wd == {"decay": 0.1, "no_decay": 0.0}
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+
+
+def test_clip_decay_groups_cover_every_parameter_once():
+    from clip_backdoor.models import create_model
+
+    m = create_model("tiny", seed=0)
+    decay, no_decay = split_decay(m)
+    assert len(decay) + len(no_decay) == len(list(m.parameters()))
+    names = _names(m, no_decay)
+    assert "logit_scale" in names and "token_embedding.weight" in names and "positional_embedding" in names
+    assert not any(n.endswith(".weight") and ("conv" in n or "c_fc" in n) for n in names)
+
+
+@pytest.mark.parametrize("W, T", [(10, 100), (1, 7), (50, 51)])
+def test_schedule_values_at_the_edges(W, T):
+    base = 1e-3
+    assert lr_at(0, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(base / W)
+    assert lr_at(W - 1, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(base)
+    if W < T:
+        assert lr_at(W, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(base)
+    assert lr_at(T - 1, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(0.0 if T - 1 > W else base)
+
+
+def test_schedule_matches_a_naive_cosine():
+    base, W, T = 2.0, 4, 20
+    for s in range(W, T):
+        expected = base * 0.5 * (1 + math.cos(math.pi * (s - W) / (T - 1 - W)))
+        assert lr_at(s, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(expected)
+    warm = [lr_at(s, base_lr=base, warmup_steps=W, total_steps=T) for s in range(W)]
+    assert warm == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert all(a >= b for a, b in zip([lr_at(s, base_lr=base, warmup_steps=W, total_steps=T)
+                                       for s in range(W, T)][:-1],
+                                      [lr_at(s, base_lr=base, warmup_steps=W, total_steps=T)
+                                       for s in range(W + 1, T)]))
