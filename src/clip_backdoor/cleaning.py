@@ -240,15 +240,24 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int, *,
                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on the unit sphere (cosine similarity). Returns (labels [N], centroids [k, D]).
 
-    Initial centroids are k distinct points drawn with ``seed``; an empty cluster is re-seeded
-    with the point least similar to its current centroid, so every cluster ends non-empty.
+    Initial centroids by k-means++ (cosine distance 1 - x·c) drawn with ``seed``; an empty
+    cluster is re-seeded with the point least similar to its centroid, so none ends empty.
     """
     x = F.normalize(x.float(), dim=-1)
     n = x.shape[0]
     if not 1 <= k <= n:
         raise UserError(f"k-means: k={k} must be between 1 and the number of points ({n})")
     g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(n, generator=g)[:k]].clone()
+    chosen = [int(torch.randint(n, (1,), generator=g))]
+    nearest = 1 - x @ x[chosen[0]]
+    for _ in range(1, k):
+        weights = nearest.clamp_min(0)
+        if float(weights.sum()) <= 0:  # all remaining points coincide with a centroid
+            weights = torch.ones(n)
+            weights[chosen] = 0
+        chosen.append(int(torch.multinomial(weights, 1, generator=g)))
+        nearest = torch.minimum(nearest, 1 - x @ x[chosen[-1]])
+    centroids = x[chosen].clone()
     labels = torch.zeros(n, dtype=torch.long)
     for _ in range(iterations):
         sims = x @ centroids.T
