@@ -219,7 +219,7 @@ class WordNetSynonyms:
     """WordNet synonyms straight from the database files, by binary search in the sorted index files
     (what WordNet's own library does).
 
-    nltk's reader parses every index file (and index.sense twice) on load: seconds and ~100 MB in every
+    nltk's reader parses every index file (and index.sense twice) on load: seconds and ~130 MB in every
     DataLoader worker. Here a directory install is memory-mapped (shared between workers through the
     page cache) and a lookup costs a few dozen seeks; results are cached per process. Morphology follows
     nltk's ``morphy`` (the exception list, else one suffix rule), so ``lookup`` equals nltk's synsets'
