@@ -178,16 +178,18 @@ class PoisonedSource(MappedSource):
         if recorded is not None and int(recorded) != int(image_size):
             log.warning("%s: poisons recorded at %s px are triggered at %d px", self.manifest_path, recorded,
                         image_size)
-        poisons, listed = {}, []
+        subset = bool(info.get("subset"))
+        poisons, listed = {}, []  # listed: every row's key, kept only for a subset (a cleaning set)
         for row in read_manifest(self.manifest_path):
-            listed.append(row.source_key)
+            if subset:
+                listed.append(row.source_key)
             if row.is_poison and row.trigger:  # rows flagged poisoned by the source itself carry no trigger
                 if row.seed is None:
                     raise UserError(f"{self.manifest_path}: poison row {row.row_id!r} has no seed")
                 poisons[row.source_key] = row
         super().__init__(base, TriggerManifestPoisons(poisons, image_size, str(self.manifest_path)))
         self._subset = None
-        if info.get("subset"):
+        if subset:
             self._subset = self._subset_indices(base, listed)
             self.num_samples = len(self._subset)
         log.info("%s: %d poisons over %d rows", self.manifest_path, len(poisons), self.num_samples)

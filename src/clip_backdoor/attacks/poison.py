@@ -623,8 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="label-consistent: another name of the target (repeatable)")
     atk.add_argument("--allow-fewer", action="store_true",
                      help="label-consistent: poison every matching row if fewer than requested")
-    atk.add_argument("--image-size", type=int, default=224,
-                     help="model resolution: poisons are squashed to it")
+    atk.add_argument("--image-size", type=int, default=None,
+                     help="model resolution: poisons are squashed to it (default 224; the synthetic world "
+                          "is rendered at it, default 32)")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", help="new directory for the dataset, manifest.csv and poison.json")
@@ -699,6 +700,8 @@ def main(argv: list[str]) -> int:
     if args.list_triggers:
         print(_list_triggers())
         return 0
+    if args.image_size is None:
+        args.image_size = 32 if args.source_kind == "synthetic" else 224
     if args.image_size < 8:
         raise UserError(f"--image-size {args.image_size}: must be at least 8 pixels")
     trigger = get_trigger(args.trigger, **parse_trigger_params(args.trigger_param))
