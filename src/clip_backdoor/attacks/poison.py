@@ -1,10 +1,10 @@
 """Poison a caption dataset, draw cleaning sets, and preview the triggers (``clip-backdoor poison``).
 
-1. **Select** rows in one pass over the source (O(N) time, O(n) memory): every row gets a priority
-   ``hash(poison seed, row id)`` and the n smallest win (a bottom-n heap), so the choice depends on
-   the seed and the row ids only, not on the order the source is read in. Dirty-label mode draws
-   from all usable rows; label-consistent mode only from rows whose caption names the target
-   (word match, any case, optional plural ``s``/``es``, plus given synonyms).
+1. **Select** rows in one pass over the source (O(N) reads, O(log n) per heap update, O(n) memory):
+   every row gets a priority ``hash(poison seed, row id)`` and the n smallest win (a bottom-n heap),
+   so the choice depends on the seed and the row ids only, not on the order the source is read in.
+   Dirty-label mode draws from all usable rows; label-consistent mode only from rows whose caption
+   names the target (word match, any case, optional plural ``s``/``es``, plus given synonyms).
 2. **Poison** a chosen row: squash its image to the model resolution, apply the trigger with the
    row's own seed ``hash(poison seed, row id)``, quantise to 8 bits; dirty-label rows get a caption
    from one of the 80 ImageNet templates filled with the target, label-consistent rows keep theirs.
