@@ -194,11 +194,6 @@ class PoisonedSource(MappedSource):
             self.num_samples = len(self._subset)
         log.info("%s: %d poisons over %d rows", self.manifest_path, len(poisons), self.num_samples)
 
-    @property
-    def random_access(self) -> bool:
-        # The inner source's; CaptionSource's class attribute would otherwise hide it from __getattr__.
-        return self.inner.random_access
-
     def _subset_indices(self, base: Any, keys: list[str]) -> np.ndarray:
         if not getattr(base, "random_access", False):
             raise UserError(f"{self.manifest_path}: a subset manifest (cleaning set) needs a CSV or "
