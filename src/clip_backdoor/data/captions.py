@@ -21,6 +21,7 @@ process that read the rows (a dataloader worker), so the training loader reports
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import inspect
 import io
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
 from clip_backdoor.errors import UserError
@@ -75,6 +76,13 @@ def decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         return img.convert("RGB")
+
+
+def unreadable(e: Exception) -> str:
+    """Why an image could not be decoded, in words (PIL's own message names a BytesIO object)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    return f"{type(e).__name__}: {e}"
 
 
 def usable_caption(caption: Any) -> bool:
@@ -234,7 +242,7 @@ class CsvSource(IndexedSource):
             self.skip(where, f"image {image_path} not found")
             return None
         except Exception as e:  # PIL raises many types for corrupt files; a bad row must not stop training
-            self.skip(where, f"image {image_path} unreadable ({type(e).__name__}: {e})")
+            self.skip(where, f"image {image_path} unreadable ({unreadable(e)})")
             return None
         return Sample(image, caption, str(index), bool(self.poison[index]))
 
@@ -348,7 +356,8 @@ class WdsSource(CaptionSource):
             shards, stride = shards[part::num_parts], None
         else:
             stride = num_parts
-        raw = tarfile_samples(({"url": str(s)} for s in shards), handler=self._shard_error)
+        handler = functools.partial(self._shard_error, reported=set())
+        raw = tarfile_samples(({"url": str(s)} for s in shards), handler=handler)
         if stride is not None:
             raw = itertools.islice(raw, part, None, stride)
         if self.shuffle and self.shuffle_buffer > 1:
@@ -362,9 +371,15 @@ class WdsSource(CaptionSource):
         part, num_parts = current_part(self.rank, self.world_size)
         return self.stream(part, num_parts, (self.seed, self.epoch))
 
-    def _shard_error(self, exn: Exception) -> bool:
-        # A truncated or corrupt tar loses the rest of that shard; say so and go on to the next one.
-        self.skip("shard", f"unreadable tar data ({exn}); rest of the shard dropped")
+    def _shard_error(self, exn: Exception, reported: set[str]) -> bool:
+        """A truncated or corrupt tar loses the rest of that shard: count and name it once per pass
+        (webdataset reports the same failure from two levels), then go on to the next shard."""
+        text = " ".join(str(a) for a in exn.args)  # webdataset appends the shard's path or stream
+        where = next((str(s) for s in self.shards if str(s) in text), "a shard")
+        if where not in reported:
+            reported.add(where)
+            reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
+            self.skip(where, f"unreadable tar data ({reason}); rest of the shard dropped")
         return True
 
     def _decode(self, item: dict) -> Sample | None:
@@ -396,7 +411,7 @@ class WdsSource(CaptionSource):
         try:
             image = decode_image(item[image_ext])
         except Exception as e:  # PIL raises many types for corrupt files
-            self.skip(where, f"image unreadable ({type(e).__name__}: {e})")
+            self.skip(where, f"image unreadable ({unreadable(e)})")
             return None
         return Sample(image, caption, key, is_poison)
 
