@@ -171,17 +171,6 @@ class TriggeredEvalSet(Dataset):
         return image, apply_trigger_uint8(image, self.trigger, generator), label
 
 
-def resolve_target(classes: Sequence[str], target: str | int) -> int:
-    """Index of the target class; a name is resolved against the eval class list (close matches on error)."""
-    if isinstance(target, int) and not isinstance(target, bool):
-        if not 0 <= target < len(classes):
-            raise UserError(f"target index {target} is outside the {len(classes)} eval classes")
-        return target
-    from clip_backdoor.data.classification import resolve_class
-
-    return resolve_class(classes, target)
-
-
 # --------------------------------------------------------------------------------------------
 # The evaluation
 # --------------------------------------------------------------------------------------------
@@ -204,7 +193,9 @@ def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int |
     _autocast(device, precision)  # validates the name before any work
     attacked = trigger is not None
     if attacked:
-        target_index = resolve_target(eval_set.classes, target)
+        from clip_backdoor.data.classification import resolve_class
+
+        target_index = resolve_class(eval_set.classes, target)
         if isinstance(trigger, str):
             from clip_backdoor.attacks.triggers import get_trigger
 
@@ -325,6 +316,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def eval_spec(text: str, *, n: int | None = None, world_seed: int | None = None) -> dict | str:
+    """``synthetic`` / ``imagefolder:PATH`` / ``labels_csv:PATH`` (or a bare path) -> an
+    ``open_eval_set`` spec; ``n`` and ``world_seed`` apply to the synthetic set only."""
+    kind, sep, path = text.partition(":")
+    if text == "synthetic":
+        spec: dict[str, Any] = {"kind": "synthetic"}
+        if n is not None:
+            spec["n"] = n
+        if world_seed is not None:
+            spec["world"] = {"seed": world_seed}
+        return spec
+    if n is not None or world_seed is not None:
+        raise UserError(f"--eval-n and --world-seed apply to --eval synthetic only, not {text!r}")
+    if sep and kind == "imagefolder":
+        return {"kind": "imagefolder", "root": path}
+    if sep and kind == "labels_csv":
+        return {"kind": "labels_csv", "path": path}
+    return text  # open_eval_set's shorthand: a labels .csv, a folder holding labels.csv, an image folder
+
+
 def _percent(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -355,10 +366,9 @@ def main(argv: list[str]) -> int:
     trigger = (get_trigger(args.trigger, **parse_trigger_params(args.trigger_param))
                if args.trigger else None)
 
+    spec = eval_spec(args.eval, n=args.eval_n, world_seed=args.world_seed)
     model, _ = model_from_checkpoint(args.checkpoint, device, model_name=args.model)
-    eval_options = {key: value for key, value in (("n", args.eval_n), ("world_seed", args.world_seed))
-                    if value is not None}
-    eval_set = open_eval_set(args.eval, model.image_size, **eval_options)
+    eval_set = open_eval_set(spec, model.image_size)
 
     def build() -> torch.Tensor:
         return build_classifier(model, eval_set.classes, eval_set.templates,
