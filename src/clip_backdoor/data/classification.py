@@ -1,0 +1,357 @@
+"""Labelled evaluation sets for zero-shot classification, and the class names and prompts they carry.
+
+Every set has ``.classes`` (distinct names), ``.templates`` (prompts with ``{}`` for the name),
+``__len__`` and ``__getitem__(i) -> (uint8 [3, S, S] preprocessed to the model resolution, label)``.
+Three kinds, built directly or from a config spec by :func:`open_eval_set`:
+
+- ``imagefolder``: ``root/<class_dir>/*.png|jpg|...``; class directories in sorted order, names from
+  ``classnames.json`` next to them (a list in that order, or ``{"dir": "name"}``), else the
+  directory names; prompts from ``templates.json``, else the 80 OpenAI ImageNet templates.
+- ``labels_csv``: CleanCLIP's ``labels.csv`` with columns ``image,label`` (label = class index; image
+  paths relative to the CSV); names from ``classnames.json`` next to it or the shipped ImageNet-1K
+  list, prompts from ``templates.json`` next to it or the 80 ImageNet templates.
+- ``synthetic``: the eval split of the synthetic world (no files).
+
+An evaluation set must be whole: an unreadable image is an error naming its path, never a skip, so
+two evaluations of one checkpoint always see the same images.
+
+The shipped ImageNet-1K names are OpenAI's curated list (as in open_clip), with its two duplicates
+resolved ("projectile", "sunglass"), so all 1000 names are distinct; the reference code's label
+file merged crane and maillot into 998 (REFERENCE.md, bug 8).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import functools
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from clip_backdoor.data.transforms import preprocess
+from clip_backdoor.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CLASSNAMES_FILE = "classnames.json"
+TEMPLATES_FILE = "templates.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Class names and prompt templates
+# --------------------------------------------------------------------------------------------
+
+@functools.cache
+def _shipped(name: str) -> tuple[str, ...]:
+    return tuple(json.loads((ASSETS / name).read_text(encoding="utf-8")))
+
+
+def imagenet_classes() -> list[str]:
+    """OpenAI's 1000 curated ImageNet-1K class names, in label order."""
+    return list(_shipped("imagenet_classes.json"))
+
+
+def imagenet_templates() -> list[str]:
+    """OpenAI's 80 ImageNet prompt templates."""
+    return list(_shipped("imagenet_templates.json"))
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what} ({e})") from None
+
+
+def check_classes(classes: Any, where: str) -> list[str]:
+    """A non-empty list of distinct, non-empty names, or a UserError saying which entry is wrong."""
+    if not isinstance(classes, (list, tuple)) or not classes:
+        raise UserError(f"{where}: the class list must be a non-empty list of names")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        if not isinstance(name, str) or not name.strip():
+            raise UserError(f"{where}: class {i} is {name!r}, not a non-empty name")
+        if name in seen:
+            raise UserError(f"{where}: class name {name!r} appears twice (entries {seen[name]} and {i}); "
+                            "two classes with one name cannot be told apart")
+        seen[name] = i
+    return list(classes)
+
+
+def check_templates(templates: Any, where: str) -> list[str]:
+    """A non-empty list of prompts, each with ``{}`` where the class name goes."""
+    if not isinstance(templates, (list, tuple)) or not templates:
+        raise UserError(f"{where}: the templates must be a non-empty list of prompts")
+    for i, template in enumerate(templates):
+        if not isinstance(template, str) or "{}" not in template:
+            raise UserError(f"{where}: template {i} ({template!r}) has no '{{}}' for the class name")
+    return list(templates)
+
+
+def load_templates(templates: str | os.PathLike | Sequence[str] | None, folder: Path) -> list[str]:
+    """Templates given as a list or a JSON path; else ``folder/templates.json``; else ImageNet's 80."""
+    if templates is None:
+        if not (folder / TEMPLATES_FILE).is_file():
+            return imagenet_templates()
+        templates = folder / TEMPLATES_FILE
+    if isinstance(templates, (str, os.PathLike)):
+        return check_templates(read_json(templates, "templates"), str(templates))
+    return check_templates(list(templates), "templates")
+
+
+def resolve_class(classes: Sequence[str], name: str | int) -> int:
+    """The index of class ``name`` (exact, else case-insensitive); a UserError listing close matches."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        if not 0 <= name < len(classes):
+            raise UserError(f"class index {name} is out of range for {len(classes)} classes")
+        return name
+    if name in classes:
+        return list(classes).index(name)
+    folded = [c.casefold() for c in classes]
+    if str(name).casefold() in folded:
+        return folded.index(str(name).casefold())
+    close = difflib.get_close_matches(str(name), list(classes), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(repr(c) for c in close)}" if close else ""
+    raise UserError(f"class {name!r} is not among the {len(classes)} eval classes{hint}")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation sets
+# --------------------------------------------------------------------------------------------
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """Decode and preprocess one eval image; unreadable is an error: eval sets must be whole."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except Exception as e:  # PIL raises many types for missing or corrupt files
+        raise UserError(f"{path}: unreadable image in eval set ({type(e).__name__}: {e})") from None
+    return preprocess(img, image_size)
+
+
+class _FileSet(torch.utils.data.Dataset):
+    """A list of (image path, label) read on demand."""
+
+    classes: list[str]
+    templates: list[str]
+
+    def __init__(self, items: list[tuple[Path, int]], image_size: int):
+        if image_size < 1:
+            raise UserError(f"eval image_size={image_size}: must be positive")
+        self.items, self.image_size = items, int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        return load_image(path, self.image_size), label
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.items]
+
+
+class ImageFolderSet(_FileSet):
+    """``root/<class_dir>/<image>``: one directory per class, labels in sorted directory order."""
+
+    def __init__(self, root: str | os.PathLike, image_size: int, *,
+                 classnames: str | os.PathLike | Sequence[str] | Mapping[str, str] | None = None,
+                 templates: str | os.PathLike | Sequence[str] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"image folder not found: {root}")
+        dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not dirs:
+            raise UserError(f"{root}: no class directories (expected root/<class>/<image files>)")
+        self.root = root
+        self.classes = self._names(dirs, classnames)
+        self.templates = load_templates(templates, root)
+        items = []
+        for label, d in enumerate(dirs):
+            files = sorted(p for p in (root / d).iterdir()
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            if not files:
+                log.warning("%s: class directory has no images", root / d)
+            items += [(p, label) for p in files]
+        if not items:
+            raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class directories")
+        super().__init__(items, image_size)
+
+    def _names(self, dirs: list[str], classnames: Any) -> list[str]:
+        where = str(classnames) if isinstance(classnames, (str, os.PathLike)) else f"{self.root} class names"
+        if classnames is None and (self.root / CLASSNAMES_FILE).is_file():
+            classnames = where = str(self.root / CLASSNAMES_FILE)
+        if isinstance(classnames, (str, os.PathLike)):
+            classnames = read_json(classnames, "class names")
+        if classnames is None:
+            return check_classes(dirs, where)
+        if isinstance(classnames, Mapping):
+            missing = [d for d in dirs if d not in classnames]
+            if missing:
+                raise UserError(f"{where}: no name for class directories {', '.join(missing[:5])}"
+                                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+            return check_classes([classnames[d] for d in dirs], where)
+        names = check_classes(classnames, where)
+        if len(names) != len(dirs):
+            raise UserError(f"{where}: {len(names)} class names for {len(dirs)} class directories in "
+                            f"{self.root}; give one name per directory (sorted order) or a dict dir -> name")
+        return names
+
+
+class LabelsCsvSet(_FileSet):
+    """CleanCLIP's ``labels.csv``: columns ``image`` (path relative to the CSV) and ``label`` (index)."""
+
+    def __init__(self, csv_path: str | os.PathLike, image_size: int, *,
+                 classes: str | os.PathLike | Sequence[str] | None = None,
+                 templates: str | os.PathLike | Sequence[str] | None = None,
+                 image_column: str = "image", label_column: str = "label"):
+        csv_path = Path(csv_path)
+        folder = csv_path.parent
+        self.classes = self._classes(classes, folder)
+        self.templates = load_templates(templates, folder)
+        try:
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                rows, header = list(reader), reader.fieldnames or []
+        except FileNotFoundError:
+            raise UserError(f"labels CSV not found: {csv_path}") from None
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"{csv_path}: cannot read labels CSV ({e})") from None
+        if not rows:
+            raise UserError(f"{csv_path}: no rows")
+        for column in (image_column, label_column):
+            if column not in header:
+                raise UserError(f"{csv_path}: no column {column!r} (columns: {', '.join(header)})")
+        items = []
+        for row_number, row in enumerate(rows, start=2):  # line 1 is the header
+            text = (row[label_column] or "").strip()
+            try:
+                label = int(text)
+            except ValueError:
+                raise UserError(f"{csv_path}, row {row_number}: label {text!r} is not a class index") \
+                    from None
+            if not 0 <= label < len(self.classes):
+                raise UserError(f"{csv_path}, row {row_number}: label {label} is out of range for "
+                                f"{len(self.classes)} classes")
+            image = (row[image_column] or "").strip()
+            if not image:
+                raise UserError(f"{csv_path}, row {row_number}: empty image path")
+            items.append((folder / image, label))
+        self.csv_path = csv_path
+        super().__init__(items, image_size)
+
+    @staticmethod
+    def _classes(classes: Any, folder: Path) -> list[str]:
+        if classes is None:
+            if not (folder / CLASSNAMES_FILE).is_file():
+                return imagenet_classes()
+            classes = folder / CLASSNAMES_FILE
+        if isinstance(classes, (str, os.PathLike)):
+            return check_classes(read_json(classes, "class names"), str(classes))
+        return check_classes(list(classes), "class names")
+
+
+class SyntheticEvalSet(torch.utils.data.Dataset):
+    """The first ``n`` images of the world's eval split (classes cycle, so every class gets n/C)."""
+
+    def __init__(self, world: Any, n: int, image_size: int | None = None):
+        if n < 1:
+            raise UserError(f"synthetic eval set: n={n}, need at least 1 image")
+        self.world, self.n = world, int(n)
+        self.image_size = int(image_size or world.image_size)
+        self.classes = check_classes(list(world.classes), "synthetic world")
+        self.templates = check_templates(list(world.templates), "synthetic world")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.n:
+            raise IndexError(f"synthetic eval index {index} out of range for {self.n} images")
+        image, label = self.world.eval_pair(index)
+        if image.shape[-1] != self.image_size:
+            image = preprocess(image, self.image_size)
+        return image, label
+
+
+# --------------------------------------------------------------------------------------------
+# From a config
+# --------------------------------------------------------------------------------------------
+
+def _synthetic(image_size: int, n: int = 1000, world: Mapping | None = None) -> SyntheticEvalSet:
+    from clip_backdoor.data.world import World
+
+    options = dict(world or {})
+    options.setdefault("image_size", image_size)
+    return SyntheticEvalSet(World(**options), n, image_size)
+
+
+def _imagefolder(image_size: int, root: str, classnames: Any = None, templates: Any = None) -> ImageFolderSet:
+    return ImageFolderSet(root, image_size, classnames=classnames, templates=templates)
+
+
+def _labels_csv(image_size: int, path: str, classes: Any = None, templates: Any = None,
+                image_column: str = "image", label_column: str = "label") -> LabelsCsvSet:
+    return LabelsCsvSet(path, image_size, classes=classes, templates=templates,
+                        image_column=image_column, label_column=label_column)
+
+
+EVAL_KINDS = {
+    "synthetic": (_synthetic, ("n", "world")),                    # {"n": 1000, "world": {"seed": 0, ...}}
+    "imagefolder": (_imagefolder, ("root", "classnames", "templates")),
+    "labels_csv": (_labels_csv, ("path", "classes", "templates", "image_column", "label_column")),
+}
+
+
+def open_eval_set(spec: Mapping | str | os.PathLike, image_size: int):
+    """An eval set from ``{"kind": "synthetic" | "imagefolder" | "labels_csv", **options}``.
+
+    A plain string is shorthand: ``"synthetic"``, a ``.csv`` file, a folder holding ``labels.csv``,
+    or an image folder.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        spec = _spec_from_string(str(spec))
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in EVAL_KINDS:
+        raise UserError(f"eval set kind {kind!r}: choose from {', '.join(EVAL_KINDS)}")
+    factory, accepted = EVAL_KINDS[kind]
+    unknown = sorted(set(spec) - set(accepted))
+    if unknown:
+        raise UserError(f"eval set {kind!r}: unknown option(s) {', '.join(unknown)} "
+                        f"(accepted: {', '.join(accepted)})")
+    required = {"imagefolder": "root", "labels_csv": "path"}.get(kind)
+    if required and required not in spec:
+        raise UserError(f"eval set {kind!r}: missing option {required!r}")
+    return factory(image_size, **spec)
+
+
+def _spec_from_string(text: str) -> dict:
+    if text == "synthetic":
+        return {"kind": "synthetic"}
+    path = Path(text)
+    if path.suffix.lower() == ".csv":
+        return {"kind": "labels_csv", "path": text}
+    if (path / "labels.csv").is_file():
+        return {"kind": "labels_csv", "path": str(path / "labels.csv")}
+    if path.is_dir():
+        return {"kind": "imagefolder", "root": text}
+    raise UserError(f"eval set {text!r}: not 'synthetic', a labels .csv, or an existing image folder")
+
+
+__all__ = ["ImageFolderSet", "LabelsCsvSet", "SyntheticEvalSet", "open_eval_set", "resolve_class",
+           "imagenet_classes", "imagenet_templates", "check_classes", "check_templates", "load_templates",
+           "load_image", "EVAL_KINDS"]
