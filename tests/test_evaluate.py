@@ -289,6 +289,9 @@ def test_trigger_draws_depend_on_seed_and_index_only(random_set):
     assert torch.equal(a[5][1], documented)
     assert torch.equal(a[5][0], random_set[5][0])  # the clean image is untouched
     assert a[5][2] == random_set[5][1]
+    skipping = TriggeredEvalSet(random_set, trigger, 0, skip_label=2)  # image 2 has label 2
+    assert torch.equal(skipping[2][1], random_set[2][0])  # the target class is never triggered
+    assert torch.equal(skipping[5][1], a[5][1])  # and skipping it changes no other image's draw
 
 
 def test_given_classifier_is_used_instead_of_building_one():

@@ -133,6 +133,8 @@ def image_logits(model: torch.nn.Module, images_uint8: torch.Tensor, classifier:
     No logit scale: it does not change the ranking. Call under ``torch.no_grad`` in eval mode.
     """
     x = normalize(images_uint8.to(device, non_blocking=True).float().div_(255))
+    # Channels-last input alone makes the tiny ResNet ~1.5x faster on CPU (measured); same maths.
+    x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(device, precision):
         features = model.encode_image(x)
     return F.normalize(features.float(), dim=-1) @ classifier.float()
@@ -155,10 +157,14 @@ def image_seed(seed: int, index: int) -> int:
 
 class TriggeredEvalSet(Dataset):
     """``(clean uint8, triggered uint8, label)`` per image; image i's trigger is drawn from a generator
-    seeded by ``image_seed(seed, i)``, so it is independent of batching and worker processes."""
+    seeded by ``image_seed(seed, i)``, so it is independent of batching and worker processes.
 
-    def __init__(self, eval_set: Any, trigger: Any, seed: int):
-        self.eval_set, self.trigger, self.seed = eval_set, trigger, seed
+    Images labelled ``skip_label`` (the target class, left out of ASR) come back untriggered: drawing
+    a trigger for them would be wasted work, and skipping them changes no other image's draw.
+    """
+
+    def __init__(self, eval_set: Any, trigger: Any, seed: int, skip_label: int | None = None):
+        self.eval_set, self.trigger, self.seed, self.skip_label = eval_set, trigger, seed, skip_label
 
     def __len__(self) -> int:
         return len(self.eval_set)
@@ -167,6 +173,8 @@ class TriggeredEvalSet(Dataset):
         from clip_backdoor.attacks.triggers import apply_trigger_uint8
 
         image, label = self.eval_set[index]
+        if label == self.skip_label:
+            return image, image, label
         generator = torch.Generator().manual_seed(image_seed(self.seed, index))
         return image, apply_trigger_uint8(image, self.trigger, generator), label
 
@@ -206,7 +214,7 @@ def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int |
                                       batch_size=batch_size, precision=precision)
     classifier = classifier.to(device)
 
-    dataset = TriggeredEvalSet(eval_set, trigger, seed) if attacked else eval_set
+    dataset = TriggeredEvalSet(eval_set, trigger, seed, skip_label=target_index) if attacked else eval_set
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=torch.device(device).type == "cuda")
     if progress:
@@ -222,14 +230,20 @@ def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int |
             counts["n"] += len(labels)
             counts["acc1"] += topk_correct(logits, labels, 1)
             counts["acc5"] += topk_correct(logits, labels, 5)
-            if attacked:
-                logits = image_logits(model, batch[1], classifier, device=device,
-                                      precision=precision).cpu()
-                counts["asr1"] += attack_success(logits, labels, target_index, 1)[0]
-                counts["asr5"] += attack_success(logits, labels, target_index, 5)[0]
-                hits, n_non_target = robust_correct(logits, labels, target_index)
-                counts["ra1"] += hits
-                counts["n_asr"] += n_non_target
+            if not attacked:
+                continue
+            # Only non-target images enter the triggered pass: the target class is not attacked.
+            attackable = labels != target_index
+            if not attackable.any():
+                continue
+            labels = labels[attackable]
+            logits = image_logits(model, batch[1][attackable], classifier, device=device,
+                                  precision=precision).cpu()
+            counts["asr1"] += attack_success(logits, labels, target_index, 1)[0]
+            counts["asr5"] += attack_success(logits, labels, target_index, 5)[0]
+            hits, n_non_target = robust_correct(logits, labels, target_index)
+            counts["ra1"] += hits
+            counts["n_asr"] += n_non_target
 
     metrics = {"acc1": counts["acc1"] / counts["n"], "acc5": counts["acc5"] / counts["n"]}
     if attacked:

@@ -1,0 +1,155 @@
+"""Evaluation throughput, in images/s: zero-shot accuracy, and accuracy + ASR, of a model on the
+synthetic eval split.
+
+"eval images/s" = n / wall time of one ``evaluate_model`` call. With a trigger that call makes two
+passes over the n images (clean, then triggered: render, trigger with a per-image seeded generator,
+quantise, encode), so acc + ASR costs about twice acc alone. The classifier is built once beforehand
+(as the evaluate command's cache does) and timed separately. Two data settings:
+
+- ``on the fly``: images rendered by the synthetic world inside the loader, as training evaluates;
+- ``in memory``: the same images rendered beforehand, which isolates the evaluator (trigger + model).
+
+    .venv/bin/python benchmarks/evaluate.py                          # tiny, n=2000, batch 256
+    .venv/bin/python benchmarks/evaluate.py --threads 1 --workers 0,1
+
+Writes JSON (default benchmarks/results/evaluate.json) and prints a table. Timings depend on what
+else the machine is doing: the load average before and after is recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from clip_backdoor.attacks.triggers import get_trigger
+from clip_backdoor.data.classification import open_eval_set
+from clip_backdoor.evaluate import build_classifier, evaluate_model
+from clip_backdoor.fileio import write_json
+from clip_backdoor.models import create_model
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "evaluate.json"
+# Target for the CPU workhorse config (tiny, synthetic split, accuracy + ASR) on a 2-core machine.
+TARGET_EVAL_IMAGES_PER_S = 4000.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="registered model name or config .json (default tiny)")
+    p.add_argument("--n", type=int, default=2000, help="eval images (default 2000)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads in the main process (default: torch's default)")
+    p.add_argument("--workers", default="0,2", help="comma-separated loader worker counts (default 0,2)")
+    p.add_argument("--trigger", default="badnet")
+    p.add_argument("--target", default="banana")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per setting; the median is kept")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    return p.parse_args(argv)
+
+
+class InMemory:
+    """An eval set whose images were rendered beforehand."""
+
+    def __init__(self, eval_set):
+        self.classes, self.templates = eval_set.classes, eval_set.templates
+        self.items = [eval_set[i] for i in range(len(eval_set))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+def timed(fn, repeats: int) -> tuple[float, dict]:
+    """Median wall time of ``fn()`` over ``repeats`` calls (after one untimed warm-up) and its result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    model = create_model(args.model, seed=0).to(args.device)
+    eval_set = open_eval_set({"kind": "synthetic", "n": args.n}, model.image_size)
+    trigger = get_trigger(args.trigger)
+
+    start = time.perf_counter()
+    classifier = build_classifier(model, eval_set.classes, eval_set.templates,
+                                  context_length=model.context_length, device=args.device,
+                                  precision=args.precision)
+    classifier_s = time.perf_counter() - start
+    start = time.perf_counter()
+    in_memory = InMemory(eval_set)
+    render_s = time.perf_counter() - start
+
+    rows = []
+    settings = [("on the fly", eval_set, int(w)) for w in args.workers.split(",")]
+    settings += [("in memory", in_memory, 0)]
+    for data, dataset, workers in settings:
+        for attacked in (False, True):
+            attack = {"target": args.target, "trigger": trigger} if attacked else {}
+            run = functools.partial(evaluate_model, model, dataset, batch_size=args.batch_size,
+                                    device=args.device, precision=args.precision, workers=workers,
+                                    classifier=classifier, **attack)
+            seconds, metrics = timed(run, args.repeats)
+            rows.append({"data": data, "workers": workers, "metrics": "acc + ASR" if attacked else "acc",
+                         "seconds": round(seconds, 4), "eval_images_per_s": round(args.n / seconds, 1),
+                         "acc1": metrics["acc1"], "asr1": metrics.get("asr1")})
+    load_after = os.getloadavg()
+
+    result = {
+        "model": args.model, "n": args.n, "batch_size": args.batch_size, "trigger": trigger.params | {
+            "name": trigger.name}, "target": args.target, "precision": args.precision, "device": args.device,
+        "classifier": {"classes": len(eval_set.classes), "templates": len(eval_set.templates),
+                       "seconds": round(classifier_s, 4)},
+        "render_images_per_s": round(args.n / render_s, 1),
+        "rows": rows,
+        "target_eval_images_per_s": TARGET_EVAL_IMAGES_PER_S,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                        "machine": platform.machine()},
+        "load_average_before": load_before, "load_average_after": load_after,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print_table(result)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def print_table(result: dict) -> None:
+    env = result["environment"]
+    print(f"\n{result['model']} on the synthetic eval split, n={result['n']}, batch {result['batch_size']}, "
+          f"{result['precision']}, {env['threads']} threads on {env['cpu_count']} cores, load average "
+          f"{result['load_average_before'][0]:.2f} -> {result['load_average_after'][0]:.2f}")
+    clf = result["classifier"]
+    print(f"classifier: {clf['classes']} classes x {clf['templates']} templates in {clf['seconds']:.2f} s; "
+          f"world rendering alone: {result['render_images_per_s']:.0f} images/s\n")
+    header = f"{'data':<11} {'workers':>7} {'metrics':<10} {'seconds':>8} {'eval images/s':>14}"
+    print(header)
+    print("-" * len(header))
+    for r in result["rows"]:
+        print(f"{r['data']:<11} {r['workers']:>7} {r['metrics']:<10} {r['seconds']:>8.3f} "
+              f"{r['eval_images_per_s']:>14.0f}")
+    print(f"\ntarget: {result['target_eval_images_per_s']:.0f} eval images/s for acc + ASR")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
