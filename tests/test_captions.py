@@ -330,8 +330,20 @@ def test_mapped_source_keeps_random_access_and_applies_fn():
     assert flags == {str(i): i == 2 for i in range(8)}
 
 
+def test_cached_synthetic_source_gives_the_same_batches():
+    plain = row_ids_and_pixels(SyntheticSource(FakeWorld(), 12, seed=4))
+    cached_source = SyntheticSource(FakeWorld(), 12, seed=4, cache=True)
+    assert cached_source._images.shape == (12, 3, SIZE, SIZE)
+    assert row_ids_and_pixels(cached_source) == plain
+
+
+def row_ids_and_pixels(source) -> list:
+    loader = build_train_loader(source, image_size=SIZE, context_length=8, batch_size=4, workers=0, seed=0)
+    return [(b["row_ids"], b["images"].tolist(), b["texts"].tolist()) for b in loader]
+
+
 def test_make_source_builds_each_kind_and_rejects_bad_specs(shards: Path, messy_csv: Path):
-    synthetic = captions.make_source({"kind": "synthetic", "num_samples": 5,
+    synthetic = captions.make_source({"kind": "synthetic", "num_samples": 5, "cache": True,
                                       "world": {"seed": 0, "image_size": 16}})
     sample = synthetic.load(2)
     assert sample.row_id == "2" and sample.image.shape == (3, 16, 16) and sample.caption
