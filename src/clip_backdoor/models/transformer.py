@@ -7,10 +7,12 @@ attention as ``torch.nn.MultiheadAttention`` so its weights are ``in_proj_weight
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class QuickGELU(nn.Module):
@@ -57,6 +59,20 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.resblocks:
-            x = block(x, attn_mask=attn_mask)
+        with _attention_kernel(x):
+            for block in self.resblocks:
+                x = block(x, attn_mask=attn_mask)
         return x
+
+
+def _attention_kernel(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """On CPU in bfloat16, plain matmul + softmax attention instead of the fused flash kernel.
+
+    For CLIP's short sequences the CPU flash kernel's bf16 backward is several times slower than the
+    math path (measured: benchmarks/train_step.py); results are the same up to rounding.
+    """
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    if x.device.type == "cpu" and bf16:
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
