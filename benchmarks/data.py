@@ -5,8 +5,9 @@ Sources (small datasets generated from the synthetic world in a temporary folder
 - ``synthetic cached``: rendered once before the workers start (``SyntheticSource(cache=True)``);
 - ``csv``: ``train.csv`` + PNG files, as written by ``write_csv_dataset``;
 - ``wds``: WebDataset shards of PNG + txt + json, as written by ``write_wds_dataset``.
-At 224 px the stored images are 256 px (like an img2dataset download resized to 256), so the loader
-also pays for the resize + centre crop; at 32 px they are stored at 32 px and pass through.
+At 224 px the stored images (CSV, shards) are 256 px, like an img2dataset download resized to 256,
+so the loader also pays for the resize + centre crop; the world renders at the model resolution and
+at 32 px the stored images are 32 px too, so they pass through.
 
 Each loader runs a few epochs with persistent workers: the first epoch includes starting the
 workers, the later ones are the steady rate a training run sees. SSL views: EDA per caption (one
@@ -84,7 +85,8 @@ def measure_loader(name: str, source, *, image_size: int, batch: int, workers: i
         rates.append(n / (time.perf_counter() - start))
     del loader  # stop its persistent workers before the next measurement
     steady = statistics.mean(rates[1:]) if len(rates) > 1 else rates[0]
-    return {"source": name, "image_size": image_size, "stored_size": STORED_SIZE.get(image_size, image_size),
+    stored = image_size if name.startswith("synthetic") else STORED_SIZE.get(image_size, image_size)
+    return {"source": name, "image_size": image_size, "stored_size": stored,
             "workers": workers, "batch": batch, "num_samples": source.num_samples, "epochs": epochs,
             "first_epoch_samples_per_s": round(rates[0], 1), "steady_samples_per_s": round(steady, 1),
             "n_skipped": skipped}

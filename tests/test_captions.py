@@ -399,6 +399,11 @@ def test_writers_accept_pairs_and_sanitise_duplicate_or_odd_row_ids(tmp_path: Pa
     pairs = [(pixels(i), f"c{i}") for i in range(3)]
     assert write_csv_dataset(pairs, tmp_path / "pairs").num_samples == 3
     assert sorted(p.name for p in (tmp_path / "pairs" / "images").iterdir()) == ["0.png", "1.png", "2.png"]
+    with pytest.raises(TypeError, match="label"):
+        write_csv_dataset([FakeWorld().train_pair(0)], tmp_path / "triples")  # (image, caption, label)
+    triples = [(pixels(i), f"c{i}", f"id{i}") for i in range(2)]
+    written = write_csv_dataset(triples, tmp_path / "ids")
+    assert sorted(p.name for p in (written.path / "images").iterdir()) == ["id0.png", "id1.png"]
     odd = [Sample(pixels(0), "x", "a/b.c", False), Sample(pixels(1), "y", "a/b.c", False)]
     write_wds_dataset(odd, tmp_path / "odd")
     assert ids(WdsSource(str(tmp_path / "odd" / "shard-000000.tar"), shuffle=False)) == ["a_b_c", "a_b_c~1"]

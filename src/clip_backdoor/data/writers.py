@@ -49,13 +49,20 @@ class WrittenDataset(NamedTuple):
 
 
 def as_sample(item: Any, position: int) -> Sample:
-    """A Sample, or an ``(image, caption[, row_id[, is_poison]])`` tuple; row_id defaults to the
-    position in the stream."""
+    """A Sample, or a tuple ``(image, caption[, row_id: str[, is_poison]])``; without a row id the
+    position in the stream is used. A non-string row id is refused: ``World.train_pair`` returns
+    (image, caption, label), and a label must not silently become a row id."""
     if isinstance(item, Sample):
         return item
-    image, caption, *rest = item
-    row_id = str(rest[0]) if rest else str(position)
-    return Sample(image, caption, row_id, bool(rest[1]) if len(rest) > 1 else False)
+    if isinstance(item, tuple) and 2 <= len(item) <= 4:
+        image, caption, *rest = item
+        if rest and not isinstance(rest[0], str):
+            raise TypeError(f"sample {position}: row id must be a str, got {type(rest[0]).__name__} "
+                            "(a class label from World.train_pair?)")
+        row_id = rest[0] if rest else str(position)
+        return Sample(image, caption, row_id, bool(rest[1]) if len(rest) > 1 else False)
+    raise TypeError(f"sample {position}: expected a Sample or an (image, caption[, row_id[, is_poison]]) "
+                    f"tuple, got {type(item).__name__}")
 
 
 def png_bytes(image: Image.Image | torch.Tensor) -> bytes:
