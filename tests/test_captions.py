@@ -209,6 +209,19 @@ def test_loader_over_messy_csv_fills_batches_and_reports_skips(messy_csv: Path):
     assert source_w.n_skipped == 0
 
 
+def test_palette_png_with_transparency_decodes_quietly_to_the_same_rgb(recwarn):
+    image = Image.new("P", (4, 4))
+    image.putpalette([(i * 7) % 256 for i in range(768)])
+    image.putdata([0, 1, 2, 3] * 4)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=bytes([0, 128, 255, 10]))
+    with pytest.warns(UserWarning):  # what a plain convert does on such web images
+        direct = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    recwarn.clear()
+    assert np.array_equal(np.asarray(captions.decode_image(buffer.getvalue())), direct)
+    assert not recwarn.list
+
+
 def test_csv_missing_column_names_file_column_and_header(tmp_path: Path):
     path = write_csv(tmp_path, [("a.png", "x")], header=("filepath", "title"))
     with pytest.raises(UserError) as err:
@@ -220,7 +233,7 @@ def test_csv_missing_column_names_file_column_and_header(tmp_path: Path):
 
 def test_csv_tab_separated_hint_and_poison_column(tmp_path: Path):
     path = tmp_path / "train.tsv"
-    path.write_text("image\tcaption\tis_poison\na.png\tx\t1\nb.png\ty\tFalse\n")
+    path.write_text("\ufeffimage\tcaption\tis_poison\na.png\tx\t1\nb.png\ty\tFalse\n")  # with a BOM
     with pytest.raises(UserError, match="separator"):
         CsvSource(path)
     source = CsvSource(path, separator="\t")

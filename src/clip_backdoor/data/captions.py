@@ -77,6 +77,9 @@ def decode_image(data: bytes) -> Image.Image:
     """Fully decode (so truncation shows up here, not later in a worker) and convert to RGB."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
+        if img.mode == "P" and "transparency" in img.info:
+            # Same RGB values as a direct convert, without PIL's warning on every such web image.
+            return img.convert("RGBA").convert("RGB")
         return img.convert("RGB")
 
 
@@ -204,7 +207,7 @@ class CsvSource(IndexedSource):
         if not self.path.is_file():
             raise UserError(f"{self.path}: CSV file not found")
         images, captions, poison = _StringColumn(), _StringColumn(), array("b")
-        with open(self.path, newline="", encoding="utf-8") as f:
+        with open(self.path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM (Excel)
             reader = csv.reader(f, delimiter=separator)
             header = [name.strip() for name in next(reader, [])]
             for key in (image_key, caption_key):
