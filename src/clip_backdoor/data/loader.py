@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,7 +38,7 @@ from clip_backdoor.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
 
-# Give up on a batch after this many unusable rows in a row per wanted sample: the data is broken.
+# Replacement draws for skipped rows, per sample of the batch; when all of them fail the data is broken.
 MAX_SKIPS_PER_SAMPLE = 20
 
 
@@ -51,7 +52,7 @@ class _Batches(IterableDataset):
 
     def __init__(self, source: CaptionSource, *, image_size: int, context_length: int, batch_size: int,
                  seed: int, eda: Callable[[str, str, int], str] | None, rank: int, world_size: int,
-                 epoch: multiprocessing.sharedctypes.Synchronized):
+                 epoch: Any):  # a multiprocessing.Value("q", lock=False)
         super().__init__()
         self.source, self.eda, self.epoch = source, eda, epoch
         self.image_size, self.context_length, self.batch_size = image_size, context_length, batch_size
