@@ -34,6 +34,7 @@ from clip_backdoor.data.classification import open_eval_set
 from clip_backdoor.evaluate import build_classifier, evaluate_model
 from clip_backdoor.fileio import write_json
 from clip_backdoor.models import create_model
+from clip_backdoor.tokenizer import tokenize
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "evaluate.json"
 # Target for the CPU workhorse config (tiny, synthetic split, accuracy + ASR) on a 2-core machine.
@@ -50,7 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", default="0,2", help="comma-separated loader worker counts (default 0,2)")
     p.add_argument("--trigger", default="badnet")
     p.add_argument("--target", default="banana")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (autocast)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per setting; the median is kept")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
@@ -91,34 +92,38 @@ def main(argv: list[str]) -> int:
     trigger = get_trigger(args.trigger)
 
     start = time.perf_counter()
-    classifier = build_classifier(model, eval_set.classes, eval_set.templates,
-                                  context_length=model.context_length, device=args.device,
-                                  precision=args.precision)
-    classifier_s = time.perf_counter() - start
-    start = time.perf_counter()
     in_memory = InMemory(eval_set)
     render_s = time.perf_counter() - start
 
-    rows = []
-    settings = [("on the fly", eval_set, int(w)) for w in args.workers.split(",")]
-    settings += [("in memory", in_memory, 0)]
-    for data, dataset, workers in settings:
-        for attacked in (False, True):
-            attack = {"target": args.target, "trigger": trigger} if attacked else {}
-            run = functools.partial(evaluate_model, model, dataset, batch_size=args.batch_size,
-                                    device=args.device, precision=args.precision, workers=workers,
-                                    classifier=classifier, **attack)
-            seconds, metrics = timed(run, args.repeats)
-            rows.append({"data": data, "workers": workers, "metrics": "acc + ASR" if attacked else "acc",
-                         "seconds": round(seconds, 4), "eval_images_per_s": round(args.n / seconds, 1),
-                         "acc1": metrics["acc1"], "asr1": metrics.get("asr1")})
+    tokenize("warm up")  # the first call reads the BPE vocabulary; keep that out of the timings
+    rows, classifier_s = [], {}
+    for precision in args.precisions.split(","):
+        start = time.perf_counter()
+        classifier = build_classifier(model, eval_set.classes, eval_set.templates,
+                                      context_length=model.context_length, device=args.device,
+                                      precision=precision)
+        classifier_s[precision] = round(time.perf_counter() - start, 4)
+        settings = [("on the fly", eval_set, int(w)) for w in args.workers.split(",")]
+        settings += [("in memory", in_memory, 0)]
+        for data, dataset, workers in settings:
+            for attacked in (False, True):
+                attack = {"target": args.target, "trigger": trigger} if attacked else {}
+                run = functools.partial(evaluate_model, model, dataset, batch_size=args.batch_size,
+                                        device=args.device, precision=precision, workers=workers,
+                                        classifier=classifier, **attack)
+                seconds, metrics = timed(run, args.repeats)
+                rows.append({"precision": precision, "data": data, "workers": workers,
+                             "metrics": "acc + ASR" if attacked else "acc", "seconds": round(seconds, 4),
+                             "eval_images_per_s": round(args.n / seconds, 1),
+                             "acc1": metrics["acc1"], "asr1": metrics.get("asr1")})
     load_after = os.getloadavg()
 
     result = {
-        "model": args.model, "n": args.n, "batch_size": args.batch_size, "trigger": trigger.params | {
-            "name": trigger.name}, "target": args.target, "precision": args.precision, "device": args.device,
+        "model": args.model, "n": args.n, "batch_size": args.batch_size,
+        "trigger": {"name": trigger.name, "params": trigger.params}, "target": args.target,
+        "device": args.device,
         "classifier": {"classes": len(eval_set.classes), "templates": len(eval_set.templates),
-                       "seconds": round(classifier_s, 4)},
+                       "seconds": classifier_s},
         "render_images_per_s": round(args.n / render_s, 1),
         "rows": rows,
         "target_eval_images_per_s": TARGET_EVAL_IMAGES_PER_S,
@@ -137,17 +142,19 @@ def main(argv: list[str]) -> int:
 def print_table(result: dict) -> None:
     env = result["environment"]
     print(f"\n{result['model']} on the synthetic eval split, n={result['n']}, batch {result['batch_size']}, "
-          f"{result['precision']}, {env['threads']} threads on {env['cpu_count']} cores, load average "
+          f"{env['threads']} threads on {env['cpu_count']} cores, load average "
           f"{result['load_average_before'][0]:.2f} -> {result['load_average_after'][0]:.2f}")
     clf = result["classifier"]
-    print(f"classifier: {clf['classes']} classes x {clf['templates']} templates in {clf['seconds']:.2f} s; "
+    seconds = ", ".join(f"{p} {t:.2f} s" for p, t in clf["seconds"].items())
+    print(f"classifier: {clf['classes']} classes x {clf['templates']} templates ({seconds}); "
           f"world rendering alone: {result['render_images_per_s']:.0f} images/s\n")
-    header = f"{'data':<11} {'workers':>7} {'metrics':<10} {'seconds':>8} {'eval images/s':>14}"
+    header = (f"{'precision':<9} {'data':<11} {'workers':>7} {'metrics':<10} {'seconds':>8} "
+              f"{'eval images/s':>14}")
     print(header)
     print("-" * len(header))
     for r in result["rows"]:
-        print(f"{r['data']:<11} {r['workers']:>7} {r['metrics']:<10} {r['seconds']:>8.3f} "
-              f"{r['eval_images_per_s']:>14.0f}")
+        print(f"{r['precision']:<9} {r['data']:<11} {r['workers']:>7} {r['metrics']:<10} "
+              f"{r['seconds']:>8.3f} {r['eval_images_per_s']:>14.0f}")
     print(f"\ntarget: {result['target_eval_images_per_s']:.0f} eval images/s for acc + ASR")
 
 

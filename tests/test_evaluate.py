@@ -353,7 +353,7 @@ def test_checkpoint_errors_are_one_line(tmp_path, tiny):
         load_checkpoint(tmp_path / "nope.pt")
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(UserError, match="is not a clip-backdoor checkpoint") as info:
+    with pytest.raises(UserError, match="checkpoint \\(not a file written by torch.save") as info:
         load_checkpoint(text)
     assert "\n" not in str(info.value)
     other = tmp_path / "list.pt"
@@ -369,8 +369,9 @@ def test_checkpoint_errors_are_one_line(tmp_path, tiny):
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "when": datetime.date(2024, 1, 1)}, path)
-    with pytest.raises(UserError, match="is not a clip-backdoor checkpoint"):
+    with pytest.raises(UserError, match="objects other than tensors.*datetime.date") as info:
         load_checkpoint(path)
+    assert "\n" not in str(info.value)
 
 
 def test_shape_mismatch_names_the_first_key(tmp_path, tiny):
@@ -464,3 +465,8 @@ def test_evaluate_command_errors_are_one_line(tmp_path, tiny, capsys):
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+def test_trigger_too_large_for_the_images_fails_before_the_loader(random_set, tiny):
+    with pytest.raises(UserError, match="larger than the 32x32 image"):
+        evaluate_model(tiny, random_set, target=1, trigger=get_trigger("badnet", size=40), workers=2)

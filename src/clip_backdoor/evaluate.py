@@ -208,6 +208,8 @@ def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int |
             from clip_backdoor.attacks.triggers import get_trigger
 
             trigger = get_trigger(trigger)
+        # Fail here in one line, not inside a loader worker (whose errors come back as tracebacks).
+        trigger.check_image_size(*eval_set[0][0].shape[-2:])
     if classifier is None:
         classifier = build_classifier(model, eval_set.classes, eval_set.templates,
                                       context_length=model.context_length, device=device,

@@ -59,7 +59,17 @@ def _read_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
             UnicodeDecodeError, AttributeError, TypeError) as e:
-        raise UserError(f"{path} is not a clip-backdoor checkpoint ({_first_line(e)})") from None
+        raise UserError(f"{path} is not a clip-backdoor checkpoint ({_load_failure(path, e)})") from None
+
+
+def _load_failure(path: Path, error: BaseException) -> str:
+    """torch's weights-only errors run to a paragraph; keep the part that says what is in the file."""
+    if not zipfile.is_zipfile(path):
+        return "not a file written by torch.save (zip format)"
+    detail = str(error).partition("WeightsUnpickler error:")[2].strip()
+    if detail:
+        return "it holds objects other than tensors and plain containers: " + detail.split(". ")[0].strip()
+    return _first_line(error)
 
 
 def _is_state_dict(obj: Any) -> bool:
