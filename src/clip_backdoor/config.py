@@ -29,8 +29,9 @@ class DataConfig:
     kind: str = "synthetic"  # synthetic | csv | wds
     path: str | None = None  # CSV file, or WebDataset shard pattern (brace expansion allowed)
     num_samples: int = 10000  # synthetic: pairs in the world's training stream; wds: overrides sizes.json
-    offset: int = 0  # synthetic: first world index (a cleaning set drawn from held-out indices)
-    world_seed: int = 0  # synthetic world seed (the world, not the training order)
+    # synthetic: World(**world), e.g. {seed: 0, image_size: 32}; the eval split uses the same world.
+    # image_size defaults to the model's resolution.
+    world: dict = field(default_factory=dict)
     image_key: str = "image"
     caption_key: str = "caption"
     separator: str = ","

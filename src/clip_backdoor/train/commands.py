@@ -27,7 +27,7 @@ CLEAN_DEFAULTS = {
 }
 
 
-def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _common_parser(prog: str, description: str, positional: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 epilog="Any config key can be set as KEY=VALUE, e.g. optim.lr=1e-4 "
                                        "data.kind=csv data.path=train.csv")
@@ -41,7 +41,8 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-resume", action="store_true", help="start over even if latest.pt exists")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    if positional:  # `clean` parses leftovers itself: method parameters (--name value) and KEY=VALUE
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
 
 
@@ -76,7 +77,8 @@ def main_clean(argv: list[str]) -> int:
     from clip_backdoor.train.loop import train
 
     p = _common_parser("clip-backdoor clean", "Fine-tune a poisoned checkpoint with a cleaning method; "
-                       "evaluates accuracy and ASR at epoch 0 and after every epoch.")
+                       "evaluates accuracy and ASR at epoch 0 and after every epoch. Method parameters "
+                       "(e.g. --ssl-weight 2) follow the method; see --list.", positional=False)
     p.add_argument("--checkpoint", help="the poisoned model to clean (init_checkpoint)")
     p.add_argument("--method", default=None, help="cleaning recipe (see --list); default cleanclip")
     p.add_argument("--optimizer-state", choices=["fresh", "inherit"],
@@ -88,7 +90,7 @@ def main_clean(argv: list[str]) -> int:
             print(line)
         return 0
     method_params, overrides = cleaning.split_method_args(rest)
-    overrides = _flags_to_overrides(args) + list(args.overrides) + overrides
+    overrides = _flags_to_overrides(args) + overrides
     if args.checkpoint:
         overrides.append(f"init_checkpoint={args.checkpoint}")
     if args.optimizer_state:

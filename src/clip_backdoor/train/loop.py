@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                           env=env, with_text_view=objective.uses_ssl)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"data: {loader.num_samples} samples give no full batch of {cfg.batch_size} "
+        raise UserError(f"data: {loader.source.num_samples} samples give no full batch of {cfg.batch_size} "
                         f"per rank on {env.world_size} rank(s); lower batch_size")
     total_steps = cfg.epochs * steps_per_epoch
     image_view = _image_view(cfg) if objective.uses_ssl else None
@@ -178,6 +178,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     method = {"name": recipe.name, **recipe.params} if recipe.name else None
+    model_name = (init_ckpt or {}).get("model", {}).get("name") if init_ckpt else cfg.model
+    model_meta = {"name": model_name, **unwrap(model).config}
 
     def emit(row: dict) -> None:
         if method:
@@ -250,7 +252,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         emit(row)
 
         if env.is_main:
-            ckpt = {"epoch": epoch, "step": step, "model": unwrap(model).config,
+            ckpt = {"epoch": epoch, "step": step, "model": model_meta,
                     "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": {"kind": "warmup_cosine", "base_lr": o.lr, "warmup_steps": o.warmup_steps,
                                   "total_steps": total_steps},
@@ -283,7 +285,7 @@ def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env:
                  with_text_view: bool):
     from clip_backdoor.data.captions import build_train_loader, make_source
 
-    source = make_source(_source_spec(cfg))
+    source = make_source(_source_spec(cfg, image_size))
     if cfg.data.poison_manifest:
         from clip_backdoor.attacks.poison import PoisonedSource
 
@@ -298,18 +300,23 @@ def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env:
                               rank=env.rank, world_size=env.world_size)
 
 
-def _source_spec(cfg: TrainConfig) -> dict:
+def world_spec(cfg: TrainConfig, image_size: int) -> dict:
+    """The synthetic world's arguments; rendered at the model's resolution unless set."""
+    return {"image_size": image_size, **cfg.data.world}
+
+
+def _source_spec(cfg: TrainConfig, image_size: int) -> dict:
     d = cfg.data
     if d.kind == "synthetic":
-        return {"kind": "synthetic", "num_samples": d.num_samples, "offset": d.offset,
-                "world_seed": d.world_seed, "seed": cfg.seed}
+        return {"kind": "synthetic", "num_samples": d.num_samples, "seed": cfg.seed,
+                "world": world_spec(cfg, image_size)}
     if d.kind in ("csv", "wds"):
         if not d.path:
             raise UserError(f"data.path: required for data.kind={d.kind}")
-        spec = {"kind": d.kind, "path": d.path, "seed": cfg.seed}
-        if d.kind == "csv":
-            spec.update(image_key=d.image_key, caption_key=d.caption_key, separator=d.separator)
-        return spec
+        if d.kind == "wds":
+            return {"kind": "wds", "urls": d.path, "seed": cfg.seed}
+        return {"kind": "csv", "path": d.path, "seed": cfg.seed, "image_key": d.image_key,
+                "caption_key": d.caption_key, "separator": d.separator}
     raise UserError(f"data.kind {d.kind!r}: choose synthetic, csv or wds")
 
 
@@ -326,7 +333,14 @@ def _eval_parts(cfg: TrainConfig, image_size: int):
     from clip_backdoor.data.classification import open_eval_set
 
     e = cfg.eval
-    spec = {"kind": e.kind, "path": e.path, "n": e.n, "world_seed": cfg.data.world_seed}
+    if e.kind == "synthetic":
+        spec = {"kind": "synthetic", "n": e.n, "world": world_spec(cfg, image_size)}
+    elif e.kind in ("imagefolder", "labels_csv"):
+        if not e.path:
+            raise UserError(f"eval.path: required for eval.kind={e.kind}")
+        spec = {"kind": e.kind, ("root" if e.kind == "imagefolder" else "path"): e.path}
+    else:
+        raise UserError(f"eval.kind {e.kind!r}: choose synthetic, imagefolder or labels_csv")
     eval_set = open_eval_set(spec, image_size)
     trigger = None
     if e.trigger and e.target:
@@ -358,7 +372,7 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     n = images.shape[0]
     if objective.uses_ssl:
         # Originals and augmented views go through the model in one forward pass.
-        views = image_view(images, seed=step_seed(ctx.cfg.seed, ctx.step))
+        views = image_view(images, generator=step_seed(ctx.cfg.seed, ctx.step))
         images = torch.cat([images, views])
         texts = torch.cat([texts, batch["texts_aug"].to(device, non_blocking=True)])
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype

@@ -1,0 +1,271 @@
+"""The one training loop: learning, exact resume, cleaning from a checkpoint, failure modes, DDP."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from clip_backdoor import cleaning
+from clip_backdoor.cli import main as cli
+from clip_backdoor.config import TrainConfig, load_config
+from clip_backdoor.errors import UserError
+from clip_backdoor.fileio import read_jsonl
+from clip_backdoor.train.loop import Recipe, train
+from clip_backdoor.weights import load_checkpoint
+
+SMALL = ["data.num_samples=256", "data.workers=0", "batch_size=64", "eval.n=60", "eval.batch_size=64",
+         "optim.warmup_steps=2", "optim.lr=2e-3", "threads=1"]
+
+
+def cfg_for(run_dir, *extra, **base):
+    return load_config(TrainConfig, None, [f"run_dir={run_dir}", *SMALL, *extra], base=base or None)
+
+
+def metrics(run_dir):
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def comparable(rows):
+    """Metrics lines without the timing fields (which legitimately differ between runs)."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny model pre-trained for 2 epochs: the start of the cleaning tests."""
+    run = tmp_path_factory.mktemp("pre") / "run"
+    train(cfg_for(run, "epochs=2"))
+    return run
+
+
+def test_pretrain_writes_run_dir_and_learns(pretrained):
+    rows = metrics(pretrained)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["loss"] < rows[0]["loss"]
+    for key in ("loss", "loss_mmcl", "lr", "logit_scale", "samples_per_s", "seconds", "n_skipped", "acc1",
+                "acc5", "asr1", "asr5", "ra1", "n", "n_asr"):
+        assert key in rows[1], key
+    assert "loss_ssl" not in rows[1]
+    assert (pretrained / "config.yaml").exists()
+    saved = {p.name for p in (pretrained / "checkpoints").iterdir()}
+    assert saved == {"epoch_1.pt", "epoch_2.pt", "latest.pt"}
+    ckpt = torch.load(pretrained / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8 and ckpt["model"]["name"] == "tiny"
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    assert set(ckpt) >= {"epoch", "step", "model", "state_dict", "optimizer", "scheduler", "scaler", "rng",
+                         "config"}
+
+
+def test_loss_decreases_over_more_epochs(tmp_path):
+    train(cfg_for(tmp_path / "r", "epochs=4", "eval.every=0", "save_every=0"))
+    losses = [r["loss"] for r in metrics(tmp_path / "r")]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+class KilledAt(Recipe):
+    """Simulates the process being killed when epoch ``epoch`` starts."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, ctx):
+        if ctx.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_is_exact(tmp_path):
+    train(cfg_for(tmp_path / "full", "epochs=3", "objective.ssl_weight=1"))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tmp_path / "cut", "epochs=3", "objective.ssl_weight=1"), KilledAt(2))
+    assert [r["epoch"] for r in metrics(tmp_path / "cut")] == [1]
+    train(cfg_for(tmp_path / "cut", "epochs=3", "objective.ssl_weight=1"))  # resumed
+    assert comparable(metrics(tmp_path / "full")) == comparable(metrics(tmp_path / "cut"))
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_finished_run_says_so(pretrained, caplog):
+    before = (pretrained / "metrics.jsonl").read_text()
+    with caplog.at_level(logging.INFO):
+        row = train(cfg_for(pretrained, "epochs=2"))
+    assert "is finished (epoch 2 of 2)" in caplog.text
+    assert row["epoch"] == 2 and (pretrained / "metrics.jsonl").read_text() == before
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from clip_backdoor.objectives import Objective
+
+    real = Objective.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, **kw):
+        out = real(self, **kw)
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 5, inside epoch 2 (4 steps per epoch)
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Objective, "__call__", poisoned)
+    with pytest.raises(UserError, match=r"loss became nan at step 5 \(epoch 2\).*latest\.pt"):
+        train(cfg_for(tmp_path / "r", "epochs=3", "eval.every=0"))
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "latest.pt")["epoch"] == 1
+
+
+def test_clean_evaluates_epoch_zero_and_records_method(pretrained, tmp_path):
+    ckpt = pretrained / "checkpoints" / "latest.pt"
+    code = cli(["clean", "--checkpoint", str(ckpt), "--method", "cleanclip", "--ssl-weight", "2",
+                "--run-dir", str(tmp_path / "c"), "--epochs", "1", *SMALL])
+    assert code == 0
+    rows = metrics(tmp_path / "c")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert "loss" not in rows[0] and {"acc1", "asr1", "n_asr"} <= set(rows[0])
+    assert rows[1]["loss_ssl"] > 0 and rows[1]["loss_mmcl"] > 0
+    assert all(r["method"] == {"name": "cleanclip", "ssl_weight": 2.0} for r in rows)
+    # Epoch 0 is the poisoned model itself: same numbers as its last pre-training evaluation.
+    last = metrics(pretrained)[-1]
+    assert rows[0]["acc1"] == last["acc1"] and rows[0]["asr1"] == last["asr1"]
+
+
+def test_clean_mmcl_only_has_no_ssl_term(pretrained, tmp_path):
+    ckpt = pretrained / "checkpoints" / "latest.pt"
+    assert cli(["clean", "--checkpoint", str(ckpt), "--method", "mmcl", "--run-dir", str(tmp_path / "c"),
+                "--epochs", "1", "eval.every=0", *SMALL]) == 0
+    assert "loss_ssl" not in metrics(tmp_path / "c")[-1]
+
+
+def test_optimizer_state_inherit_keeps_the_old_weight_decay(pretrained, tmp_path, caplog):
+    ckpt = str(pretrained / "checkpoints" / "latest.pt")
+    with caplog.at_level(logging.WARNING):
+        assert cli(["clean", "--checkpoint", ckpt, "--method", "mmcl", "--optimizer-state", "inherit",
+                    "--run-dir", str(tmp_path / "i"), "--epochs", "1", "optim.weight_decay=5", "eval.every=0",
+                    *SMALL]) == 0
+    assert "is NOT applied" in caplog.text
+    saved = load_checkpoint(tmp_path / "i" / "checkpoints" / "latest.pt")["optimizer"]
+    assert sorted(g["weight_decay"] for g in saved["param_groups"]) == [0.0, 0.1]
+
+    assert cli(["clean", "--checkpoint", ckpt, "--method", "mmcl", "--run-dir", str(tmp_path / "f"),
+                "--epochs", "1", "optim.weight_decay=5", "eval.every=0", *SMALL]) == 0
+    saved = load_checkpoint(tmp_path / "f" / "checkpoints" / "latest.pt")["optimizer"]
+    assert sorted(g["weight_decay"] for g in saved["param_groups"]) == [0.0, 5.0]
+
+
+def _decayed_norm(ckpt):
+    from clip_backdoor.train.optim import split_decay
+    from clip_backdoor.weights import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(ckpt)
+    decay, _ = split_decay(model)
+    return torch.sqrt(sum((p.detach() ** 2).sum() for p in decay)).item()
+
+
+def test_heavy_weight_decay_is_really_applied(pretrained, tmp_path):
+    ckpt = pretrained / "checkpoints" / "latest.pt"
+    start = load_checkpoint(ckpt)
+    norms = {}
+    for wd in ("0", "50"):
+        run = tmp_path / f"wd{wd}"
+        assert cli(["clean", "--checkpoint", str(ckpt), "--method", "heavy-wd", "--weight-decay", wd,
+                    "--run-dir", str(run), "--epochs", "1", "eval.every=0", "eval_at_start=false",
+                    *SMALL]) == 0
+        end = load_checkpoint(run / "checkpoints" / "latest.pt")
+        groups = {g["group"]: g["weight_decay"] for g in end["optimizer"]["param_groups"]}
+        assert groups == {"decay": float(wd), "no_decay": 0.0}
+        norms[wd] = _decayed_norm(end)
+    before = _decayed_norm(start)
+    # 4 steps of decoupled decay at lr <= 2e-3 shrink weights by at most (1 - lr*wd) per step.
+    assert norms["50"] < 0.9 * norms["0"] and norms["50"] < before
+
+
+def test_shrink_perturb_is_applied_once_before_training(pretrained, tmp_path):
+    ckpt = pretrained / "checkpoints" / "latest.pt"
+    assert cli(["clean", "--checkpoint", str(ckpt), "--method", "shrink-perturb", "--shrink", "0.5",
+                "--run-dir", str(tmp_path / "s"), "--epochs", "1", "eval.every=0", *SMALL,
+                "optim.lr=1e-12"]) == 0
+    before = load_checkpoint(ckpt)["state_dict"]
+    after = load_checkpoint(tmp_path / "s" / "checkpoints" / "latest.pt")["state_dict"]
+    w = "text_projection"
+    assert torch.allclose(after[w], 0.5 * before[w], atol=1e-3 * before[w].abs().max().item())
+
+
+def test_deep_clustering_runs_end_to_end(pretrained, tmp_path):
+    ckpt = pretrained / "checkpoints" / "latest.pt"
+    assert cli(["clean", "--checkpoint", str(ckpt), "--method", "deep-clustering", "--clusters", "8",
+                "--iterations", "5", "--run-dir", str(tmp_path / "d"), "--epochs", "2", "eval.every=0",
+                "eval_at_start=false", *SMALL]) == 0
+    rows = metrics(tmp_path / "d")
+    assert all(r["loss_cluster"] > 0 and r["method"]["name"] == "deep-clustering" for r in rows)
+    assert all(r["loss"] == pytest.approx(r["loss_mmcl"] + r["loss_ssl"] + r["loss_cluster"]) for r in rows)
+
+
+def test_deep_clustering_pseudo_labels_are_stable_and_the_head_learns(pretrained, monkeypatch):
+    from clip_backdoor.objectives import Objective
+    from clip_backdoor.train.distributed import DistEnv
+    from clip_backdoor.train.loop import RunContext, build_loader
+    from clip_backdoor.weights import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(pretrained / "checkpoints" / "latest.pt")
+    cfg = cfg_for(pretrained)
+    loader = build_loader(cfg, image_size=model.image_size, context_length=model.context_length,
+                          env=DistEnv(), with_text_view=False)
+    # Separable embeddings per row (a barely trained tiny model's are nearly collinear).
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(6, model.config["embed_dim"], generator=g), dim=-1)
+    row_ids = [str(i) for i in range(loader.source.num_samples)]
+    noise = 0.1 * torch.randn(len(row_ids), centers.shape[1], generator=g)
+    feats = torch.nn.functional.normalize(centers[torch.arange(len(row_ids)) % 6] + noise, dim=-1)
+    monkeypatch.setattr(cleaning, "embed_images", lambda *a: (row_ids, feats))
+
+    ctx = RunContext(cfg=cfg, env=DistEnv(), device=torch.device("cpu"), model=model, loader=loader,
+                     objective=Objective(), epoch=1)
+    recipe = cleaning.build_recipe("deep-clustering", {"clusters": 6, "iterations": 10, "head_lr": 0.05})
+    recipe.on_epoch_start(ctx)
+    first = dict(recipe.assignment)
+    recipe.on_epoch_start(ctx)
+    assert recipe.assignment == first
+    assert len({(first[r], int(r) % 6) for r in row_ids}) == 6  # recovers the constructed clusters
+    batch = {"row_ids": row_ids[:64]}
+    out = {"image_features": feats[:64]}
+    losses = []
+    for _ in range(50):
+        loss = recipe.extra_losses(out, batch, ctx)["loss_cluster"]
+        recipe.head_opt.zero_grad()
+        loss.backward()
+        recipe.head_opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    train(cfg_for(tmp_path / "b", "epochs=1", "precision=bf16", "eval.every=0"))
+    assert metrics(tmp_path / "b")[0]["loss"] > 0
+
+
+def test_bad_input_lines(pretrained, tmp_path):
+    with pytest.raises(UserError, match="precision 'fp8'"):
+        train(cfg_for(tmp_path / "x", "precision=fp8"))
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_text("not a checkpoint")
+    assert cli(["clean", "--checkpoint", str(bogus), "--run-dir", str(tmp_path / "y"), *SMALL]) == 2
+    assert cli(["clean", "--method", "nope", "--checkpoint", str(pretrained / "checkpoints" / "latest.pt"),
+                "--run-dir", str(tmp_path / "z"), *SMALL]) == 2
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "w"), "optim.learning_rate=1", *SMALL]) == 2
+
+
+def test_export_safetensors_round_trip(pretrained, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "w.safetensors"
+    assert cli(["export", str(pretrained / "checkpoints" / "latest.pt"), "--safetensors", str(out)]) == 0
+    weights = load_file(str(out))
+    ref = load_checkpoint(pretrained / "checkpoints" / "latest.pt")["state_dict"]
+    assert weights.keys() == ref.keys() and all(torch.equal(weights[k], ref[k]) for k in ref)
+
+
+def test_resolved_config_is_saved(pretrained):
+    import yaml
+
+    saved = yaml.safe_load((pretrained / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["data"]["num_samples"] == 256
+    json.dumps(saved)  # plain data only
