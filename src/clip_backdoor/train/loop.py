@@ -89,9 +89,10 @@ def resolve_device(name: str, env: D.DistEnv) -> torch.device:
     return torch.device(name)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """Seed of the image view drawn at a global step: a pure function, so resume replays it."""
-    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed of the image views drawn at a global step on a rank: a pure function, so resume
+    replays it, and ranks differ (the same seed would give every rank the same sub-policy draws)."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + 17) % (2**63 - 1)
 
 
 def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
@@ -372,7 +373,7 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     n = images.shape[0]
     if objective.uses_ssl:
         # Originals and augmented views go through the model in one forward pass.
-        views = image_view(images, generator=step_seed(ctx.cfg.seed, ctx.step))
+        views = image_view(images, generator=step_seed(ctx.cfg.seed, ctx.step, ctx.env.rank))
         images = torch.cat([images, views])
         texts = torch.cat([texts, batch["texts_aug"].to(device, non_blocking=True)])
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
