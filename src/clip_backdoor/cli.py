@@ -23,7 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("clip_backdoor.train.checkpoint", "export checkpoint weights (safetensors)"),
     "study": ("clip_backdoor.study.runner", "run or report a study described by one YAML file"),
     "demo": ("clip_backdoor.demo", "the end-to-end demo on the synthetic world"),
-    "bench": ("clip_backdoor.bench", "run the throughput benchmarks"),
 }
 
 
