@@ -32,6 +32,7 @@ class DataConfig:
     # synthetic: World(**world), e.g. {seed: 0, image_size: 32}; the eval split uses the same world.
     # image_size defaults to the model's resolution.
     world: dict = field(default_factory=dict)
+    cache: bool = True  # synthetic: render every pair once before workers start (~3 KB a pair at 32 px)
     image_key: str = "image"
     caption_key: str = "caption"
     separator: str = ","

@@ -310,7 +310,7 @@ def _source_spec(cfg: TrainConfig, image_size: int) -> dict:
     d = cfg.data
     if d.kind == "synthetic":
         return {"kind": "synthetic", "num_samples": d.num_samples, "seed": cfg.seed,
-                "world": world_spec(cfg, image_size)}
+                "world": world_spec(cfg, image_size), "cache": d.cache}
     if d.kind in ("csv", "wds"):
         if not d.path:
             raise UserError(f"data.path: required for data.kind={d.kind}")
