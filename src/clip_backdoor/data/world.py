@@ -1,15 +1,22 @@
 """The synthetic caption world: seeded, procedural image–caption pairs that need no files.
 
 A stand-in for web data that a laptop can train on in minutes. Each image shows one object of a
-known class (a yellow crescent for "banana", a red disc with a stem for "apple", ...) drawn from
-signed distance functions, with nuisance factors that make the task non-trivial: palette and odd
-colours, size, position, rotation, mirrored poses, background gradients/stripes/checks/noise, a
-class-less distractor shape, photometric jitter and pixel noise. Captions vary their template,
-word order and synonyms, and a configurable share never names the object (web-like noise).
+known class (a yellow crescent for "banana", a red disc with a stem for "apple", ...) with nuisance
+factors that make the task non-trivial: palette and odd colours, size, position, rotation, stretch,
+mirrored poses, background gradients/stripes/checks/mottling, a class-less distractor shape,
+photometric jitter and pixel noise. Captions vary their template, word order and synonyms, and a
+configurable share never names the object (web-like noise).
 
-Every pair is a pure function of ``(seed, split, index)``: each one gets its own
-``numpy.random.Generator`` seeded from ``[seed, split_id, index]``, so any index can be drawn in any
-order, by any dataloader worker, and comes out identical. The eval split uses its own stream.
+Speed comes from drawing each class's shape once: signed distance functions paint a high-resolution
+map of colour roles (body, shade, stem, wheels, ...), measured into per-texel coverage at a few mip
+levels. An image is then a handful of small numpy operations: a background, one affine lookup into
+the sprite, a per-image palette applied by one matrix product, noise. About 3,000-4,000 pairs per
+CPU-second at 32 px.
+
+Every pair is a pure function of ``(seed, split, index)``: it reads its own stretch of a counter-based
+Philox stream whose key is the seed and whose counter starts at ``(index, split)``, so any index can
+be drawn in any order, by any dataloader worker or thread, and comes out identical. The eval split
+(labelled, balanced) is a disjoint stream of the same world.
 """
 
 from __future__ import annotations
@@ -59,14 +66,18 @@ TEMPLATES = [
 
 @dataclass(frozen=True)
 class WorldKnobs:
+    """Difficulty settings. The defaults are tuned so that the ``tiny`` CLIP trained with MMCL on 10k
+    pairs reaches about 50% zero-shot accuracy (10 classes) after 5 epochs: clearly learnt, far from
+    perfect, so an accuracy loss during cleaning shows."""
+
     caption_noise: float = 0.15   # share of captions that do not name the object
     synonym_rate: float = 0.25    # share of naming captions that use a synonym (where one exists)
-    odd_colour: float = 0.2       # share of objects painted in any colour instead of their palette
+    odd_colour: float = 0.1       # share of objects painted in any colour instead of their palette
     colour_jitter: float = 0.08   # per-channel jitter of every painted colour
-    min_scale: float = 0.4        # object extent as a fraction of the image side ...
+    min_scale: float = 0.45       # object extent as a fraction of the image side ...
     max_scale: float = 0.9        # ... drawn uniformly in [min_scale, max_scale]
     rotation: float = 1.0         # multiplies each class's natural rotation range
-    distractor: float = 0.35      # probability of one class-less shape in the scene
+    distractor: float = 0.25      # probability of one class-less shape in the scene
     photometric: float = 0.12     # brightness/contrast jitter of the whole image
     pixel_noise: float = 0.04     # std of Gaussian pixel noise, in [0, 1] units
 
@@ -109,14 +120,15 @@ BACKGROUNDS = {
     "dark grey": (0.25, 0.25, 0.27), "navy": (0.1, 0.14, 0.35), "black": (0.05, 0.05, 0.05),
     "lavender": (0.78, 0.72, 0.92), "sand": (0.85, 0.72, 0.5), "teal": (0.2, 0.5, 0.5),
 }
-_RGB = {name: np.array(rgb, dtype=np.float32) for name, rgb in {**COLOURS, **BACKGROUNDS}.items()}
+_RGB = {name: np.array(rgb, dtype=np.float32) for name, rgb in COLOURS.items()}
 _DARK = np.array((0.12, 0.1, 0.1), dtype=np.float32)
 _GLASS = np.array((0.65, 0.82, 0.95), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
-# Signed distance functions in an object's local frame (object spans about [-1, 1]², v down).
-# Negative inside. Only the sign and the distance near the edge matter (for anti-aliasing).
+# Signed distance functions in an object's local frame (object spans about [-1, 1]², v down),
+# negative inside. Only the sign is used (coverage is measured by supersampling), so cheap
+# approximations of the distance outside are fine.
 # --------------------------------------------------------------------------------------------
 
 def _disc(u, v, cx, cy, r):
