@@ -539,7 +539,7 @@ class World:
         # Pixel noise and colour jitter come from shared banks read at a random offset: far cheaper
         # than fresh draws, and still a pure function of (seed, split, index).
         bank = np.random.Generator(np.random.Philox(key=[self.seed & _MASK64, 1]))
-        self._noise = bank.standard_normal(max(1 << 18, 8 * 3 * size * size), dtype=np.float32)
+        self._noise = bank.standard_normal((1 << 18) + 2 * 3 * size * size, dtype=np.float32)
         self._noise *= 255 * self.knobs.pixel_noise
         self._jitter = bank.uniform(-1, 1, 1 << 14).astype(np.float32) * self.knobs.colour_jitter
         self._base_palettes: dict[tuple, np.ndarray] = {}
