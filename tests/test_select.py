@@ -82,6 +82,7 @@ def test_read_results_missing_metric_columns_and_extra_columns(tmp_path):
 @pytest.mark.parametrize("header, line, message", [
     (COLUMNS, ["0", "clean", "mmcl", "cleanclip", "fast", "0", "1"] + [""] * 12, "line 2, column 'lr'"),
     (COLUMNS, ["0", "clean", "mmcl", "cleanclip", "1e-4", "0.5", "1"] + [""] * 12, "column 'k'"),
+    (["stage", "pretrain", "epoch", "acc1"], ["clean", "mmcl", "1", "42.5"], "'acc1': 42.5 is not a"),
     (["stage", "epoch"], ["clean", "1"], "missing column 'pretrain'"),
     (["stage", "pretrain", "epoch"], ["clean", "mmcl", ""], "line 2: empty 'epoch'"),
 ])

@@ -90,6 +90,11 @@ def _typed_row(raw: dict[str, str | None], path: Path, line: int) -> dict:
             row[column] = _parse_float(value, path, line, column)
         else:
             row[column] = value
+    for metric in METRICS:
+        value = row[metric]
+        if value is not None and math.isfinite(value) and not 0.0 <= value <= 1.0:
+            raise UserError(f"{path}: line {line}, column {metric!r}: {value:g} is not a fraction in [0, 1] "
+                            "(metrics are fractions, not percent)")
     if row["seed"] is None:
         row["seed"] = 0
     if row["epoch"] is None:
