@@ -380,7 +380,7 @@ FIGURES: dict[str, tuple[str, Callable[[StudyData], Figure | str], str]] = {
     "trajectories": (
         "Cleaning trajectories of the selected runs", figure_trajectories,
         "Each line follows one cleaning run from the poisoned model (star, epoch 0) through its epochs; "
-        "markers grow with the epoch and the ring marks the checkpoint the ASR ≤ τ rule selects. "
+        "markers grow with the epoch and the ring marks the checkpoint the ASR ≤ {tau} rule selects. "
         "A line that drops left stays usable; one that must fall to get left means cleaning costs accuracy."),
     "pretraining": (
         "Pre-training dynamics", figure_pretraining,
@@ -389,7 +389,7 @@ FIGURES: dict[str, tuple[str, Callable[[StudyData], Figure | str], str]] = {
     "k_poisons": (
         "Cleaning with 0 vs k poisons in the cleaning set", figure_k_poisons,
         "Top: the lowest ASR any checkpoint reached; bottom: the best accuracy among checkpoints with "
-        "ASR ≤ τ (× at the bottom: none got there). A few poisons left in the cleaning set can keep "
+        "ASR ≤ {tau} (× at the bottom: none got there). A few poisons left in the cleaning set can keep "
         "the backdoor alive."),
 }
 
@@ -582,14 +582,15 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
         if reason:
             parts.append(f"<p class=\"skip\">Not drawn: {html.escape(reason)}.</p>")
             continue
+        how = how.format(tau=f"{data.tau * 100:g}%")
         parts.append(f"<p class=\"how\">How to read: {html.escape(how)}</p>")
         parts.append(f"<p><img src=\"{key}.png\" alt=\"{html.escape(title)}\"><br>"
                      f"<a href=\"{key}.svg\">{key}.svg</a></p>")
     parts += ["<h2>Selection rules</h2>",
-              "<p class=\"how\">Oracle rules (best acc at ASR ≤ τ, minimum ASR) choose by looking at ASR, "
-              "as the paper does; realistic rules choose by accuracy alone and report the ASR of what they "
-              "chose. Mean ± std over the seeds where the rule found a point; lr and epoch are listed per "
-              "seed.</p>",
+              "<p class=\"how\">Oracle rules (best acc at ASR ≤ τ for each τ, minimum ASR) choose by "
+              "looking at ASR, as the paper does; realistic rules choose by accuracy alone and report the "
+              "ASR of what they chose. Mean ± std over the seeds where the rule found a point; lr and "
+              "epoch are listed per seed.</p>",
               html_table(selection), "<h2>Poisoned models</h2>", html_table(poisoned),
               "<h2>Runs</h2>", f"<details><summary>Final metrics of {len(runs)} runs</summary>",
               html_table(runs), "</details>", "<h2>Study configuration</h2>"]
