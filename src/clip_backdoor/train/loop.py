@@ -288,7 +288,7 @@ def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env:
 
     source = make_source(_source_spec(cfg, image_size))
     if cfg.data.poison_manifest:
-        from clip_backdoor.attacks.poison import PoisonedSource
+        from clip_backdoor.attacks.manifest import PoisonedSource
 
         source = PoisonedSource(source, cfg.data.poison_manifest, image_size=image_size)
     eda = None
