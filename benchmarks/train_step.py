@@ -47,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--objectives", default="mmcl,mmcl+ssl", help="comma-separated (default mmcl,mmcl+ssl)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="side of the peak matmul (default 2048)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     return p.parse_args(argv)
 
@@ -216,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--precisions: unknown {precision!r}; use fp32 and/or bf16")
 
     load_before = os.getloadavg()
-    peaks = {"fp32": matmul_peak_gflops(device, torch.float32),
-             "bf16": matmul_peak_gflops(device, torch.bfloat16)}
+    peaks = {"fp32": matmul_peak_gflops(device, torch.float32, args.matmul_size),
+             "bf16": matmul_peak_gflops(device, torch.bfloat16, args.matmul_size)}
     steps = [TrainStep(args.model, args.batch, o, device, p) for p in precisions for o in objectives]
     flops = [step.count_flops() for step in steps]
     measure(steps, args.steps, args.warmup)
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "train_step", "model": args.model, "batch": args.batch,
-        "steps": args.steps, "warmup": args.warmup,
+        "steps": args.steps, "warmup": args.warmup, "matmul_size": args.matmul_size,
         "environment": environment(device, args.threads),
         "load_average_before": load_before, "load_average_after": load_after,
         "matmul_peak_gflop_per_s": peaks, "runs": runs, "checks": checks,

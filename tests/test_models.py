@@ -331,3 +331,28 @@ def test_missing_config_file_and_invalid_json(tmp_path):
     bad.write_text("{")
     with pytest.raises(UserError, match="bad.json: not valid JSON"):
         get_model_config(str(bad))
+
+
+# --- the training-step benchmark still runs -----------------------------------------------------
+
+def test_train_step_benchmark_smoke(tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "train_step.json"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
+                    "--precisions", "fp32", "--matmul-size", "256", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    mmcl, both = result["runs"]
+    assert (mmcl["objective"], both["objective"]) == ("mmcl", "mmcl+ssl")
+    assert both["images_per_step"] == 2 * mmcl["images_per_step"] == 8
+    # Two views of everything: the counted work doubles (the logit matrices are a rounding error).
+    assert 1.9 < both["gflop_per_step"] / mmcl["gflop_per_step"] < 2.1
+    assert mmcl["samples_per_s"] > 0 and result["matmul_peak_gflop_per_s"]["bf16"] > 0
