@@ -93,6 +93,15 @@ def test_read_results_bad_input_names_line_and_column(tmp_path, header, line, me
         read_results(path)
 
 
+def test_string_rows_are_typed_like_the_csv(tmp_path):
+    rows = run(1e-4, [(0.45, 0.01), (0.47, 0.20)], k=5) + run(1e-3, [(0.40, 0.0)], seed=1)
+    as_strings = [{c: "" if r[c] is None else str(r[c]) for c in COLUMNS} for r in rows]
+    path = tmp_path / "results.csv"
+    write_csv(path, COLUMNS, [[r[c] for c in COLUMNS] for r in as_strings])
+    assert headline_table(as_strings) == headline_table(read_results(path)) == headline_table(rows)
+    assert selection_table(as_strings) == selection_table(rows)
+
+
 def test_read_results_missing_file(tmp_path):
     with pytest.raises(UserError, match="results file not found"):
         read_results(tmp_path / "results.csv")

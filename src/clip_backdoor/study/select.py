@@ -77,6 +77,17 @@ def read_results(path: str | Path) -> list[dict]:
     return rows
 
 
+def typed_rows(rows: Sequence[dict]) -> list[dict]:
+    """Rows as ``read_results`` returns them; string rows (csv.DictReader, a runner's own records)
+    are converted the same way, so every function here accepts either."""
+    rows = list(rows)
+    if any(isinstance(r.get("epoch"), str) for r in rows):
+        source = Path("<results rows>")
+        return [_typed_row({k: None if v is None else str(v) for k, v in r.items()}, source, line)
+                for line, r in enumerate(rows, start=2)]
+    return rows
+
+
 def _typed_row(raw: dict[str, str | None], path: Path, line: int) -> dict:
     row: dict = {}
     for column in dict.fromkeys((*COLUMNS, *raw)):
@@ -212,6 +223,7 @@ def poisoned_models(rows: Sequence[dict]) -> dict[tuple, dict]:
     The epoch-0 row of a cleaning run is the poisoned checkpoint evaluated exactly as the cleaned
     ones are; without any, the pre-training run's last evaluated epoch stands in.
     """
+    rows = typed_rows(rows)
     found: dict[tuple, dict] = {}
     epoch0 = sorted((r for r in clean_rows(rows) if r["epoch"] == 0 and _finite(r.get("acc1")) is not None),
                     key=lambda r: (str(r.get("run") or ""), method_key(r.get("method") or ""),
@@ -234,6 +246,7 @@ def cleaning_points(rows: Sequence[dict]) -> dict[tuple, list[Point]]:
     """(seed, pretrain, method, k) -> its cleaned checkpoints (epoch ≥ 1 with a finite acc1).
 
     A group whose runs have only epoch 0 so far is present with no points."""
+    rows = typed_rows(rows)
     groups: dict[tuple, list[Point]] = defaultdict(list)
     for r in clean_rows(rows):
         key = group_key(r)
@@ -310,6 +323,7 @@ def select_per_seed(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS) 
     status: ok | none (ASR measured, no point qualifies) | no-asr (no point has an ASR) |
     no-points (no cleaned epoch evaluated yet).
     """
+    rows = typed_rows(rows)
     poisoned = poisoned_models(rows)
     out = []
     groups = cleaning_points(rows)
@@ -370,6 +384,7 @@ def aggregate_per_seed(per_seed: Sequence[dict]) -> list[dict]:
 
 def poisoned_table(rows: Sequence[dict]) -> list[dict]:
     """Per pre-training objective: the poisoned model's metrics, mean ± std over seeds."""
+    rows = typed_rows(rows)
     per_objective: dict[str, list[dict]] = defaultdict(list)
     for (seed, pretrain), metrics in sorted(poisoned_models(rows).items(), key=lambda kv: kv[0][0]):
         per_objective[pretrain].append({"seed": seed, **metrics})
@@ -421,6 +436,7 @@ def min_asr_cell(row: dict, digits: int = 1) -> str:
 
 def headline_rows(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int = 1) -> list[dict]:
     """The headline as records of display strings (the Markdown and HTML tables render these)."""
+    rows = typed_rows(rows)
     table = selection_table(rows, taus=(tau,))
     index = {(r["pretrain"], r["method"], r["k"], r["rule"]): r for r in table}
     poisoned = {r["pretrain"]: r for r in poisoned_table(rows)}
@@ -480,6 +496,7 @@ def headline_table(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int 
 
 def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> str:
     """The sentence under the headline table saying what its numbers are."""
+    rows = typed_rows(rows)
     n = len({r["seed"] for r in rows})
     return (f"Top-1 zero-shot accuracy and attack success rate in %, mean ± std over {n} "
             f"seed{'s' if n != 1 else ''}. Best acc: the highest accuracy among all "
