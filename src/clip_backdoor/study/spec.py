@@ -1,0 +1,593 @@
+"""A study as one YAML file: the grid of the paper (pre-training objectives x cleaning methods x
+learning rates x cleaning epochs x poisons in the cleaning set), expanded into runs.
+
+The file is validated like every config here: an unknown key names its path in the file
+(``cleaning.lrz``), a bad grid value names itself (``cleaning.lrs[2]``). Expansion is a pure
+function of the spec, so run names and their order never change between invocations:
+
+```
+<study dir>/
+  study.yaml                                  the resolved spec
+  data/poisoned/                              manifest.csv + poison.json (poisons made on the fly)
+  data/clean,k=<k>/                           cleaning sets (k poisons injected; k=0 is clean)
+  pretrain/<objective>,seed=<s>/              one pre-training run per objective and seed
+  clean/<objective>,seed=<s>/<method>/lr=<lr>[,k=<k>]/   k appears only when k > 0
+```
+
+Every run is a :class:`~clip_backdoor.config.TrainConfig` for the one training loop. A cleaning run
+starts from its pre-training run's ``latest.pt``, evaluates before its first step (epoch 0), and
+gets its recipe's settings via ``cleaning.build_recipe(...).apply_to_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clip_backdoor.config import (
+    DataConfig,
+    EvalConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    to_dict,
+)
+from clip_backdoor.errors import UserError
+
+OBJECTIVES = {"mmcl": (1.0, 0.0), "mmcl+ssl": (1.0, 1.0), "ssl": (0.0, 1.0)}
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_KINDS = ("synthetic", "csv", "wds")
+EVAL_KINDS = ("synthetic", "imagefolder", "labels_csv")
+
+
+# --------------------------------------------------------------------------------------------
+# The spec, section by section (defaults visible in one place)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataSpec:
+    """The pre-training data; the cleaning sets are drawn from it (poisons left out)."""
+
+    kind: str = "synthetic"  # synthetic | csv | wds
+    path: str | None = None  # CSV file or WebDataset shard pattern
+    num_samples: int = 10000  # synthetic: pairs; wds: overrides sizes.json when set explicitly
+    world: dict = field(default_factory=dict)  # synthetic: World(**world), e.g. {seed: 0}
+    image_key: str = "image"
+    caption_key: str = "caption"
+    separator: str = ","
+    workers: int = 1  # dataloader worker processes per run
+
+
+@dataclass
+class AttackSpec:
+    trigger: str = "badnet"
+    trigger_params: dict = field(default_factory=dict)
+    target: str = "banana"
+    n: int | None = None  # number of poisons ...
+    fraction: float | None = None  # ... or a fraction of the rows (exactly one of the two)
+    mode: str = "dirty"  # dirty | label-consistent
+    synonyms: list = field(default_factory=list)  # label-consistent: other names of the target
+    poison_seed: int = 0  # which rows are poisoned and their trigger draws; not a training seed
+
+
+@dataclass
+class PretrainSpec:
+    model: str = "tiny"
+    objectives: list = field(default_factory=lambda: ["mmcl", "mmcl+ssl"])
+    epochs: int = 10
+    lr: float = 5e-4
+    batch_size: int = 128
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    eda: str = "static"  # text views for SSL: static (reference) | dynamic
+    eval_every: int = 1  # evaluate every N epochs (and the last)
+    save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (latest.pt always)
+
+
+@dataclass
+class CleaningSpec:
+    size: int = 1000  # pairs in the cleaning set
+    pick: str = "tail"  # tail (the last rows) | random (seeded by `seed`)
+    seed: int = 0  # the cleaning-set draw (pick: random)
+    # names, or {name, params, label, lrs, k}: lrs/k override the grid for that method only
+    methods: list = field(default_factory=lambda: ["cleanclip", "mmcl", "ssl"])
+    lrs: list = field(default_factory=lambda: [1e-5])
+    epochs: int = 10
+    batch_size: int = 64
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    precision: str | None = None  # default: the pre-training precision
+    k: list = field(default_factory=lambda: [0])  # poisons injected into the cleaning set
+    optimizer_state: str = "fresh"  # fresh | inherit (reference compat)
+    keep_checkpoints: bool = False  # a finished cleaning run keeps only its metrics (checkpoints are big)
+
+
+@dataclass
+class EvalSpec:
+    kind: str = "synthetic"  # synthetic | imagefolder | labels_csv
+    path: str | None = None
+    n: int = 1000  # synthetic: images
+    seed: int = 0  # test-time trigger seed
+    batch_size: int = 256
+
+
+@dataclass
+class RunSettings:
+    jobs: int = 1  # runs in parallel (CPU worker processes)
+    threads: int | None = None  # torch threads per job; default max(1, cores // jobs)
+    device: str = "cpu"  # cpu | auto | cuda | cuda:N
+    devices: list = field(default_factory=list)  # one run per listed CUDA device, e.g. [cuda:0, cuda:1]
+
+
+@dataclass
+class StudySpec:
+    name: str = ""
+    seeds: list = field(default_factory=lambda: [0])  # training seeds: the whole study per seed
+    data: DataSpec = field(default_factory=DataSpec)
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    cleaning: CleaningSpec = field(default_factory=CleaningSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    thresholds: list = field(default_factory=lambda: [0.01, 0.05, 0.10])  # ASR levels for selection
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One cleaning method of the grid; ``label`` names its directory and its rows in results.csv."""
+
+    name: str
+    params: dict
+    label: str
+    lrs: tuple[float, ...]
+    ks: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; in a study file it is always a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file not found: {path}")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
+    """Read, override (``cleaning.lrs=[1e-5,1e-4]``), validate; relative data paths become absolute."""
+    data = apply_overrides(read_yaml(path), overrides or [], where="study override")
+    return parse_spec(data, where=str(path))
+
+
+def parse_spec(data: dict, where: str = "study") -> StudySpec:
+    """Build and validate a :class:`StudySpec`; every error starts with ``where`` and names its key."""
+    try:
+        spec = _build(data)
+        _validate(spec)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    for section in (spec.data, spec.eval):
+        if section.path and "://" not in section.path:
+            section.path = str(Path(section.path).expanduser().absolute())
+    return spec
+
+
+def _build(data: dict) -> StudySpec:
+    names = {f.name: f for f in dataclasses.fields(StudySpec)}
+    for key in data:
+        if key not in names:
+            raise UserError(f"{key}: unknown key (valid: {', '.join(names)})")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "name":
+            if not isinstance(value, str):
+                raise UserError(f"name: expected a string, got {value!r}")
+            kwargs[key] = value
+            continue
+        default = names[key].default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise UserError(f"{key}: expected a mapping, got {value!r}")
+            kwargs[key] = from_dict(type(default), value, key)
+        else:  # seeds, thresholds: a single value is a list of one
+            kwargs[key] = value if isinstance(value, list) else [value]
+    return StudySpec(**kwargs)
+
+
+def _number(value: Any, where: str) -> float:
+    """A grid value: a number, or a string that reads as one ("1e-5")."""
+    if isinstance(value, bool):
+        raise UserError(f"{where}: {value!r} is not a number")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise UserError(f"{where}: {value!r} is not a number") from None
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{where}: {value!r} is not a finite number")
+    return float(value)
+
+
+def _integer(value: Any, where: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{where}: {value!r} is not an integer >= {minimum}")
+    return value
+
+
+def _unique(values: list, where: str) -> None:
+    seen = set()
+    for i, v in enumerate(values):
+        if v in seen:
+            raise UserError(f"{where}[{i}]: {v!r} is listed twice")
+        seen.add(v)
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise UserError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _lrs(values: list, where: str) -> tuple[float, ...]:
+    if not values:
+        raise UserError(f"{where}: give at least one learning rate")
+    lrs = []
+    for i, v in enumerate(values):
+        lr = _number(v, f"{where}[{i}]")
+        if lr <= 0:
+            raise UserError(f"{where}[{i}]: learning rate {v!r} must be > 0")
+        lrs.append(lr)
+    _unique(lrs, where)
+    return tuple(lrs)
+
+
+def _ks(values: list, where: str, size: int) -> tuple[int, ...]:
+    if not values:
+        raise UserError(f"{where}: give at least one k (0 = a clean cleaning set)")
+    ks = tuple(_integer(v, f"{where}[{i}]") for i, v in enumerate(values))
+    for i, k in enumerate(ks):
+        if k > size:
+            raise UserError(f"{where}[{i}]: {k} poisons do not fit a cleaning set of {size} (cleaning.size)")
+    _unique(list(ks), where)
+    return ks
+
+
+def _validate(spec: StudySpec) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", spec.name or ""):
+        raise UserError(f"name: {spec.name!r} must be a non-empty word of letters, digits, '.', '_', '+', "
+                        "'-' (it names the study directory)")
+    if not spec.seeds:
+        raise UserError("seeds: give at least one training seed")
+    for i, s in enumerate(spec.seeds):
+        _integer(s, f"seeds[{i}]")
+    _unique(spec.seeds, "seeds")
+    _validate_data(spec.data, spec.eval)
+    _validate_attack(spec.attack)
+    _validate_pretrain(spec.pretrain)
+    _validate_cleaning(spec.cleaning)
+    for i, t in enumerate(spec.thresholds):
+        if not 0 < _number(t, f"thresholds[{i}]") <= 1:
+            raise UserError(f"thresholds[{i}]: {t!r} must be an ASR fraction in (0, 1], e.g. 0.05 for 5%")
+    spec.thresholds = [float(t) for t in spec.thresholds]
+    _unique(spec.thresholds, "thresholds")
+    r = spec.run
+    _integer(r.jobs, "run.jobs", 1)
+    if r.threads is not None:
+        _integer(r.threads, "run.threads", 1)
+    for i, d in enumerate(r.devices):
+        if not isinstance(d, str) or not re.fullmatch(r"cuda(:\d+)?", d):
+            raise UserError(f"run.devices[{i}]: {d!r} is not a CUDA device such as cuda:0")
+    _unique(r.devices, "run.devices")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
+        raise UserError(f"run.device: {r.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+def _validate_data(d: DataSpec, e: EvalSpec) -> None:
+    _choice(d.kind, DATA_KINDS, "data.kind")
+    if d.kind != "synthetic" and not d.path:
+        raise UserError(f"data.path: required for data.kind={d.kind} (the poison stage and every run "
+                        "read it)")
+    _integer(d.num_samples, "data.num_samples", 1)
+    if d.kind == "synthetic":
+        from clip_backdoor.data.world import make_knobs
+
+        _integer(d.world.get("seed", 0), "data.world.seed")
+        try:
+            make_knobs(**{k: v for k, v in d.world.items() if k not in ("seed", "image_size")})
+        except (UserError, TypeError, ValueError) as e:
+            raise UserError(f"data.world: {e}") from None
+    _integer(d.workers, "data.workers")
+    _choice(e.kind, EVAL_KINDS, "eval.kind")
+    if e.kind != "synthetic" and not e.path:
+        raise UserError(f"eval.path: required for eval.kind={e.kind} (every run's evaluation reads it)")
+    _integer(e.n, "eval.n", 1)
+    _integer(e.batch_size, "eval.batch_size", 1)
+
+
+def _validate_attack(a: AttackSpec) -> None:
+    from clip_backdoor.attacks.poison import MODES, check_target
+    from clip_backdoor.attacks.triggers import get_trigger
+
+    try:
+        get_trigger(a.trigger, **a.trigger_params)
+    except UserError as e:
+        raise UserError(f"attack.trigger: {e}") from None
+    try:
+        check_target(a.target)
+    except UserError as e:
+        raise UserError(f"attack.target: {e}") from None
+    _choice(a.mode, MODES, "attack.mode")
+    if (a.n is None) == (a.fraction is None):
+        raise UserError("attack: give the number of poisons as exactly one of n or fraction")
+    if a.n is not None:
+        _integer(a.n, "attack.n")
+    if a.fraction is not None and not 0 <= a.fraction <= 1:
+        raise UserError(f"attack.fraction: {a.fraction!r} must lie in [0, 1]")
+
+
+def _validate_pretrain(p: PretrainSpec) -> None:
+    from clip_backdoor.models import get_model_config
+
+    try:
+        get_model_config(p.model)
+    except UserError as e:
+        raise UserError(f"pretrain.model: {e}") from None
+    if not p.objectives:
+        raise UserError("pretrain.objectives: give at least one of mmcl, mmcl+ssl, ssl")
+    for i, o in enumerate(p.objectives):
+        _choice(o, tuple(OBJECTIVES), f"pretrain.objectives[{i}]")
+    _unique(p.objectives, "pretrain.objectives")
+    _integer(p.epochs, "pretrain.epochs", 1)
+    _integer(p.batch_size, "pretrain.batch_size", 1)
+    _integer(p.warmup_steps, "pretrain.warmup_steps")
+    _integer(p.eval_every, "pretrain.eval_every")
+    _integer(p.save_every, "pretrain.save_every")
+    if p.lr <= 0:
+        raise UserError(f"pretrain.lr: {p.lr!r} must be > 0")
+    _choice(p.precision, PRECISIONS, "pretrain.precision")
+    _choice(p.eda, ("static", "dynamic"), "pretrain.eda")
+
+
+def _validate_cleaning(c: CleaningSpec) -> None:
+    from clip_backdoor.attacks.poison import PICKS
+
+    _integer(c.size, "cleaning.size", 1)
+    _choice(c.pick, PICKS, "cleaning.pick")
+    _integer(c.seed, "cleaning.seed")
+    _integer(c.epochs, "cleaning.epochs", 1)
+    _integer(c.batch_size, "cleaning.batch_size", 1)
+    _integer(c.warmup_steps, "cleaning.warmup_steps")
+    if c.precision is not None:
+        _choice(c.precision, PRECISIONS, "cleaning.precision")
+    _choice(c.optimizer_state, ("fresh", "inherit"), "cleaning.optimizer_state")
+    c.lrs = list(_lrs(c.lrs, "cleaning.lrs"))
+    c.k = list(_ks(c.k, "cleaning.k", c.size))
+    methods(c)  # validates every entry
+
+
+def methods(c: CleaningSpec) -> list[Method]:
+    """The cleaning methods of the grid, each with its own learning rates and k values."""
+    from clip_backdoor.cleaning import build_recipe
+
+    if not c.methods:
+        raise UserError("cleaning.methods: give at least one method (e.g. cleanclip)")
+    out = []
+    for i, entry in enumerate(c.methods):
+        where = f"cleaning.methods[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: expected a method name or {{name, params, label, lrs, k}}, "
+                            f"got {entry!r}")
+        valid = ("name", "params", "label", "lrs", "k")
+        for key in entry:
+            if key not in valid:
+                raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(valid)})")
+        name, params = entry.get("name"), entry.get("params") or {}
+        if not isinstance(name, str):
+            raise UserError(f"{where}.name: expected a method name, got {name!r}")
+        if not isinstance(params, dict):
+            raise UserError(f"{where}.params: expected a mapping, got {params!r}")
+        try:
+            recipe = build_recipe(name, params)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        label = entry.get("label") or _method_label(name, params)
+        if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*", label):
+            raise UserError(f"{where}.label: {label!r} must be a word usable as a directory name")
+        lrs = _lrs(entry["lrs"], f"{where}.lrs") if "lrs" in entry else tuple(c.lrs)
+        ks = _ks(entry["k"], f"{where}.k", c.size) if "k" in entry else tuple(c.k)
+        out.append(Method(name, dict(recipe.params), label, lrs, ks))
+    _unique([m.label for m in out], "cleaning.methods (labels)")
+    return out
+
+
+def _method_label(name: str, params: dict) -> str:
+    return ",".join([name, *(f"{k}={_short_number(v)}" for k, v in sorted(params.items()))])
+
+
+# --------------------------------------------------------------------------------------------
+# Expansion into runs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study; ``name`` is its directory relative to the study directory."""
+
+    name: str
+    stage: str  # pretrain | clean
+    seed: int
+    pretrain: str  # the pre-training objective
+    method: str | None  # the method's label (clean runs)
+    lr: float | None  # the cleaning learning rate (clean runs)
+    k: int | None  # poisons in the cleaning set (clean runs)
+    cfg: TrainConfig
+    depends_on: str | None = None  # the pre-training run a cleaning run starts from
+
+
+@dataclass(frozen=True)
+class DataStage:
+    """A dataset the runs read: the poisoning manifest, or a cleaning set (k poisons)."""
+
+    name: str  # directory relative to the study directory
+    k: int | None  # None: the poisoning manifest
+
+
+@dataclass
+class StudyPlan:
+    spec: StudySpec
+    root: Path
+    poison: DataStage
+    cleaning_sets: list[DataStage]
+    runs: list[Run]
+
+    def run(self, name: str) -> Run:
+        return next(r for r in self.runs if r.name == name)
+
+
+def format_lr(lr: float) -> str:
+    """Learning rates in run names: 1e-5, 2.5e-4, 1e-3 (a pure function of the value)."""
+    return _short_number(lr)
+
+
+def _short_number(x: Any) -> str:
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return str(x)
+    if x == 0 or (isinstance(x, int)):
+        return str(x)
+    mantissa, exponent = f"{x:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    exp = int(exponent)
+    if -2 <= exp <= 3:  # 0.05, 0.95, 2, 100 read better plainly
+        return f"{x:.6g}"
+    return f"{mantissa}e{exp}"
+
+
+def pretrain_name(objective: str, seed: int) -> str:
+    return f"pretrain/{objective},seed={seed}"
+
+
+def clean_name(objective: str, seed: int, method: str, lr: float, k: int) -> str:
+    tail = f"lr={format_lr(lr)}" + (f",k={k}" if k else "")
+    return f"clean/{objective},seed={seed}/{method}/{tail}"
+
+
+def cleaning_set_name(k: int) -> str:
+    return f"data/clean,k={k}"
+
+
+POISON_DIR = "data/poisoned"
+MANIFEST = "manifest.csv"
+
+
+def model_image_size(model: str) -> int:
+    from clip_backdoor.models import get_model_config
+
+    return int(get_model_config(model)["vision_cfg"]["image_size"])
+
+
+def expand(spec: StudySpec, root: str | Path) -> StudyPlan:
+    """All runs of the study in a fixed order: per seed, the pre-training runs (objectives in file
+    order), then per seed x objective x method x lr x k the cleaning runs."""
+    root = Path(root).absolute()
+    grid = methods(spec.cleaning)
+    ks = sorted({k for m in grid for k in m.ks})
+    runs: list[Run] = []
+    for seed in spec.seeds:
+        for objective in spec.pretrain.objectives:
+            runs.append(Run(pretrain_name(objective, seed), "pretrain", seed, objective, None, None, None,
+                            _pretrain_config(spec, root, objective, seed)))
+    for seed in spec.seeds:
+        for objective in spec.pretrain.objectives:
+            parent = pretrain_name(objective, seed)
+            for method in grid:
+                for lr in method.lrs:
+                    for k in method.ks:
+                        name = clean_name(objective, seed, method.label, lr, k)
+                        cfg = _clean_config(spec, root, objective, method, lr, k, seed)
+                        runs.append(Run(name, "clean", seed, objective, method.label, lr, k, cfg, parent))
+    cleaning_sets = [DataStage(cleaning_set_name(k), k) for k in ks]
+    return StudyPlan(spec, root, DataStage(POISON_DIR, None), cleaning_sets, runs)
+
+
+def _data_config(spec: StudySpec, manifest: Path | None) -> DataConfig:
+    d = spec.data
+    return DataConfig(kind=d.kind, path=d.path, num_samples=d.num_samples, world=dict(d.world),
+                      image_key=d.image_key, caption_key=d.caption_key, separator=d.separator,
+                      poison_manifest=str(manifest) if manifest else None, workers=d.workers)
+
+
+def _eval_config(spec: StudySpec, every: int) -> EvalConfig:
+    a, e = spec.attack, spec.eval
+    return EvalConfig(kind=e.kind, path=e.path, n=e.n, target=a.target, trigger=a.trigger,
+                      trigger_params=dict(a.trigger_params), seed=e.seed, every=every,
+                      batch_size=e.batch_size)
+
+
+def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int) -> TrainConfig:
+    p = spec.pretrain
+    l1, l2 = OBJECTIVES[objective]
+    return TrainConfig(
+        run_dir=str(root / pretrain_name(objective, seed)), model=p.model, epochs=p.epochs,
+        batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
+        seed=seed, save_every=p.save_every, data=_data_config(spec, root / POISON_DIR / MANIFEST),
+        eval=_eval_config(spec, p.eval_every),
+        objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda),
+        optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
+                          grad_clip=p.grad_clip))
+
+
+def _clean_config(spec: StudySpec, root: Path, objective: str, method: Method, lr: float, k: int,
+                  seed: int) -> TrainConfig:
+    from clip_backdoor.cleaning import build_recipe
+
+    c, p = spec.cleaning, spec.pretrain
+    set_dir = root / cleaning_set_name(k)
+    if spec.data.kind == "wds":  # a WebDataset cleaning set is written as shards (poisons baked in)
+        data = dataclasses.replace(_data_config(spec, None), path=str(set_dir / "shard-*.tar"),
+                                   num_samples=c.size)
+    else:  # CSV and synthetic: the manifest selects the rows and triggers its poisons on the fly
+        # (a small cleaning set renders its rows as it reads them, not the whole world up front)
+        data = dataclasses.replace(_data_config(spec, set_dir / MANIFEST), cache=False)
+    cfg = TrainConfig(
+        run_dir=str(root / clean_name(objective, seed, method.label, lr, k)), model=p.model,
+        init_checkpoint=str(root / pretrain_name(objective, seed) / "checkpoints" / "latest.pt"),
+        optimizer_state=c.optimizer_state, epochs=c.epochs, batch_size=c.batch_size,
+        precision=c.precision or p.precision, device=spec.run.device, threads=spec.run.threads, seed=seed,
+        eval_at_start=True, save_every=0, data=data, eval=_eval_config(spec, 1),
+        objective=ObjectiveConfig(eda=p.eda),
+        optim=OptimConfig(lr=lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
+                          grad_clip=p.grad_clip))
+    return build_recipe(method.name, method.params).apply_to_config(cfg)
+
+
+def resolved_yaml(spec: StudySpec) -> str:
+    """The spec with every default filled in, as saved in the study directory."""
+    return yaml.safe_dump(to_dict(spec), sort_keys=False)
