@@ -195,7 +195,7 @@ def figure_acc_vs_asr(data: StudyData) -> Figure | str:
     handles += [Line2D([], [], marker=_k_marker(data, k), ls="", markerfacecolor="none", color="#555555",
                        markersize=7, label=f"k = {k} poisons in cleaning set") for k in data.ks if k]
     handles += _band_and_star_handles(data.tau)
-    fig.legend(handles=handles, loc="outside right upper", frameon=False, title="cleaning method")
+    fig.legend(handles=handles, loc="outside right center", frameon=False, title="cleaning method")
     seeds = f", {len(data.seeds)} seeds" if len(data.seeds) > 1 else ""
     fig.suptitle(f"Every cleaning checkpoint: all learning rates, epochs ≥ 1{seeds}")
     return fig
@@ -261,8 +261,8 @@ def figure_trajectories(data: StudyData) -> Figure | str:
         _poisoned_stars(ax, data, objective, label=False)
         ax.set_title(f"pre-trained with {objective_label(objective)}")
         ax.set_xlabel(ASR_LABEL)
-        ax.legend(loc="best", frameon=True, framealpha=0.85, fontsize=8, title="selected lr",
-                  title_fontsize=8)
+        ax.legend(loc="best", frameon=True, framealpha=0.85, fontsize=8, title_fontsize=8,
+                  title=f"lr selected at ASR ≤ {data.tau * 100:g}%\n(else the lowest ASR)")
     _accuracy_axis(axes[0], data, objectives)
     axes[0][0].set_ylabel(ACC_LABEL)
     handles = [Line2D([], [], marker="o", ls="", color="#555555", markersize=3, label="epoch 1"),
@@ -270,9 +270,8 @@ def figure_trajectories(data: StudyData) -> Figure | str:
                Line2D([], [], marker="o", ls="", markerfacecolor="none", color="#555555", markersize=12,
                       label="selected checkpoint")]
     handles += _band_and_star_handles(data.tau)
-    fig.legend(handles=handles, loc="outside right upper", frameon=False, title="marker size = epoch")
-    fig.suptitle(f"Cleaning trajectories of the run selected at ASR ≤ {data.tau * 100:g}% "
-                 f"(or the lowest ASR), epoch 0 → {max_epoch}")
+    fig.legend(handles=handles, loc="outside right center", frameon=False, title="marker size = epoch")
+    fig.suptitle(f"Cleaning trajectories of the selected runs, epoch 0 → {max_epoch}")
     return fig
 
 
@@ -308,7 +307,7 @@ def figure_pretraining(data: StudyData) -> Figure | str:
     axes[0][0].set_title("clean accuracy")
     if len(metrics) > 1:
         axes[0][1].set_title("backdoor (triggered, non-target images)")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", frameon=False,
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", frameon=False,
                title="objective")
     seeds = f", {len(data.seeds)} seeds" if len(data.seeds) > 1 else ""
     fig.suptitle(f"Pre-training on the poisoned data{seeds}")
@@ -362,10 +361,12 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
                 ax.set_xlabel("poisons in the cleaning set (k)")
             if col == 0:
                 ax.set_ylabel(ylabel)
+    top = axes[1][0].get_ylim()[1]
+    axes[1][0].set_ylim(0, min(100.0, top * 1.08))  # room for the highest marker (the row shares y)
     handles = _method_handles(data, methods)
     handles.append(Line2D([], [], marker="x", ls="", color="#555555", markersize=7,
                           label=f"no checkpoint at ASR ≤ {data.tau * 100:g}%"))
-    fig.legend(handles=handles, loc="outside right upper", frameon=False, title="cleaning method")
+    fig.legend(handles=handles, loc="outside right center", frameon=False, title="cleaning method")
     fig.suptitle("0 vs k poisons left in the cleaning set (mean ± std over seeds)")
     return fig
 
