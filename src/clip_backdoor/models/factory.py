@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,11 +18,9 @@ import torch
 from clip_backdoor.errors import UserError
 from clip_backdoor.models.clip import CLIP
 
-logger = logging.getLogger(__name__)
-
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# key -> (accepted types, default or REQUIRED). bool is excluded from "int" explicitly below.
+# key -> (accepted types, default or REQUIRED). Numbers must be positive; a bool is not an int here.
 REQUIRED = object()
 _INT, _NUM, _BOOL = (int,), (int, float), (bool,)
 TOP_SCHEMA = {"embed_dim": (_INT, REQUIRED), "quick_gelu": (_BOOL, False),
@@ -44,9 +41,8 @@ def get_model_config(name_or_path: str | os.PathLike | Mapping) -> dict:
     if isinstance(name_or_path, Mapping):
         return validate_config(copy.deepcopy(dict(name_or_path)), source="model config")
     name = str(name_or_path)
-    registered = CONFIG_DIR / f"{name}.json"
     if name in list_models():
-        path = registered
+        path = CONFIG_DIR / f"{name}.json"
     elif name.endswith(".json") or os.sep in name:
         path = Path(name)
         if not path.is_file():
@@ -79,7 +75,7 @@ def _check_section(section: dict, schema: dict, where: str, source: str) -> dict
         if wrong_bool or not isinstance(value, types):
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise UserError(f"{source}: key {where}{key} must be {expected}, got {json.dumps(value)}")
-        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
             raise UserError(f"{source}: key {where}{key} must be positive, got {value}")
         out[key] = value
     return out
