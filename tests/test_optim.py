@@ -63,7 +63,8 @@ def test_schedule_values_at_the_edges(W, T):
     assert lr_at(W - 1, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(base)
     if W < T:
         assert lr_at(W, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(base)
-    assert lr_at(T - 1, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(0.0 if T - 1 > W else base)
+    last = lr_at(T - 1, base_lr=base, warmup_steps=W, total_steps=T)
+    assert last == pytest.approx(0.0 if T - 1 > W else base)
 
 
 def test_schedule_matches_a_naive_cosine():
