@@ -21,14 +21,15 @@ log = logging.getLogger(__name__)
 QUICK = [
     "name=demo-quick",
     "data.num_samples=2000",
-    "attack.n=40",
-    "pretrain.epochs=3",
+    "attack.n=100",
+    "pretrain.epochs=6",
+    "pretrain.objectives=[mmcl, {name: mmcl+ssl, epochs: 2}]",  # SSL steps cost ~3x; 2 epochs show it runs
     "pretrain.warmup_steps=10",
     "cleaning.size=200",
     "cleaning.lrs=[1e-4,1e-3]",
     "cleaning.epochs=2",
     "cleaning.warmup_steps=2",
-    "eval.n=100",
+    "eval.n=200",
 ]
 
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from clip_backdoor.study.runner import load_for_command, run_study
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     config = Path(args.config) if args.config else demo_config()
     overrides = (QUICK if args.quick else []) + list(args.overrides)
     spec = load_for_command(str(config), overrides, args.jobs)

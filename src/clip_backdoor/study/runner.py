@@ -197,7 +197,7 @@ class _NotATerminal:
         return getattr(self._stream, name)
 
 
-def _init_worker(devices: Any, threads: int | None) -> None:
+def _init_worker(devices: Any) -> None:
     # A spawned process inherits "spawn" as its start method, which would make every run's dataloader
     # workers fresh interpreters (seconds each); they get the platform default, as from the shell.
     multiprocessing.set_start_method(None, force=True)
@@ -211,7 +211,6 @@ def _init_worker(devices: Any, threads: int | None) -> None:
     handler.addFilter(_RunNameFilter())
     root.addHandler(handler)
     _WORKER["device"] = devices.get() if devices is not None else None
-    _WORKER["threads"] = threads
 
 
 class _RunNameFilter(logging.Filter):
@@ -237,7 +236,8 @@ def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True) -> dict:
     root = logging.getLogger()
     root.addHandler(handler)
     level = root.level
-    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)  # the epoch lines reach train.log whatever the console shows
     started = time.perf_counter()
     try:
         recipe = build_recipe(cfg.method, cfg.method_params) if cfg.method else None
@@ -281,19 +281,21 @@ class WorkerPool:
     """``jobs`` spawned worker processes (fresh interpreters: no forked torch or CUDA state), each
     optionally pinned to one CUDA device."""
 
-    def __init__(self, jobs: int, threads: int | None, devices: list[str]):
-        self.capacity, self.threads, self.devices = jobs, threads, devices
+    def __init__(self, jobs: int, devices: list[str]):
+        self.capacity, self.devices = jobs, devices
+        self._manager = None
         self._start()
 
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         queue = None
-        if self.devices:
-            queue = ctx.Manager().Queue()
+        if self.devices:  # each worker takes one device as it starts
+            self._manager = self._manager or ctx.Manager()
+            queue = self._manager.Queue()
             for device in self.devices:
                 queue.put(device)
         self._pool = cf.ProcessPoolExecutor(self.capacity, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(queue, self.threads))
+                                            initargs=(queue,))
 
     def submit(self, run: Run, keep: bool) -> cf.Future:
         return self._pool.submit(execute, run.name, run.cfg, keep)
@@ -304,6 +306,8 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._manager is not None:
+            self._manager.shutdown()
 
 
 def cpu_cores() -> int:
@@ -581,7 +585,7 @@ def run_study(spec: StudySpec, root: Path, *, only: str | None = None) -> int:
     if todo:
         where = f"on {', '.join(devices)}" if devices else f"{threads or 'default'} torch thread(s) each"
         log.info("%d runs to do, %d at a time (%s)", len(todo), jobs, where)
-    executor = WorkerPool(jobs, threads, devices) if jobs > 1 or devices else InProcess()
+    executor = WorkerPool(jobs, devices) if jobs > 1 or devices else InProcess()
     try:
         failed = schedule(plan, todo, executor, prepare_clean, finished, progress) if todo else {}
     finally:
@@ -666,11 +670,15 @@ def _run_state(run: Run) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)  # KEY=VALUE may come after the options too
+    unknown = [word for word in rest if args.action == "report" or "=" not in word or word.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.action == "report":
         report(plan_for_dir(args.dir))
         return 0
-    spec = load_for_command(args.file, args.overrides, getattr(args, "jobs", None),
+    spec = load_for_command(args.file, args.overrides + rest, getattr(args, "jobs", None),
                             getattr(args, "devices", None))
     root = Path(args.out or Path("runs") / spec.name)
     if args.action == "list":

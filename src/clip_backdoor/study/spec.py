@@ -80,6 +80,8 @@ class AttackSpec:
 @dataclass
 class PretrainSpec:
     model: str = "tiny"
+    # names, or {name, <any of the scalar settings below>} to change one for that objective only
+    # (the paper: batch 2048 for MMCL, 1024 for MMCL+SSL)
     objectives: list = field(default_factory=lambda: ["mmcl", "mmcl+ssl"])
     epochs: int = 10
     lr: float = 5e-4
@@ -362,18 +364,44 @@ def _validate_pretrain(p: PretrainSpec) -> None:
         raise UserError(f"pretrain.model: {e}") from None
     if not p.objectives:
         raise UserError("pretrain.objectives: give at least one of mmcl, mmcl+ssl, ssl")
-    for i, o in enumerate(p.objectives):
-        _choice(o, tuple(OBJECTIVES), f"pretrain.objectives[{i}]")
-    _unique(p.objectives, "pretrain.objectives")
-    _integer(p.epochs, "pretrain.epochs", 1)
-    _integer(p.batch_size, "pretrain.batch_size", 1)
-    _integer(p.warmup_steps, "pretrain.warmup_steps")
-    _integer(p.eval_every, "pretrain.eval_every")
-    _integer(p.save_every, "pretrain.save_every")
+    _check_pretrain_settings(p, "pretrain")
+    for objective, settings in pretrain_objectives(p).items():
+        _check_pretrain_settings(settings, f"pretrain.objectives[{objective}]")
+
+
+def _check_pretrain_settings(p: PretrainSpec, where: str) -> None:
+    _integer(p.epochs, f"{where}.epochs", 1)
+    _integer(p.batch_size, f"{where}.batch_size", 1)
+    _integer(p.warmup_steps, f"{where}.warmup_steps")
+    _integer(p.eval_every, f"{where}.eval_every")
+    _integer(p.save_every, f"{where}.save_every")
     if p.lr <= 0:
-        raise UserError(f"pretrain.lr: {p.lr!r} must be > 0")
-    _choice(p.precision, PRECISIONS, "pretrain.precision")
-    _choice(p.eda, ("static", "dynamic"), "pretrain.eda")
+        raise UserError(f"{where}.lr: {p.lr!r} must be > 0")
+    _choice(p.precision, PRECISIONS, f"{where}.precision")
+    _choice(p.eda, ("static", "dynamic"), f"{where}.eda")
+
+
+def pretrain_objectives(p: PretrainSpec) -> dict[str, PretrainSpec]:
+    """Objective name -> its pre-training settings (the section's, changed by the entry's own)."""
+    out: dict[str, PretrainSpec] = {}
+    for i, entry in enumerate(p.objectives):
+        where = f"pretrain.objectives[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: expected an objective name or {{name, batch_size, ...}}, "
+                            f"got {entry!r}")
+        changes = {k: v for k, v in entry.items() if k != "name"}
+        for key in ("objectives", "model"):  # one model and one list per study
+            if key in changes:
+                raise UserError(f"{where}.{key}: cannot differ per objective")
+        name = entry.get("name")
+        _choice(name, tuple(OBJECTIVES), f"{where}.name" if "name" in entry and changes else where)
+        if name in out:
+            raise UserError(f"{where}: {name!r} is listed twice")
+        base = {k: v for k, v in to_dict(p).items() if k != "objectives"}
+        out[name] = from_dict(PretrainSpec, {**base, **changes}, where)
+    return out
 
 
 def _validate_cleaning(c: CleaningSpec) -> None:
@@ -518,14 +546,15 @@ def expand(spec: StudySpec, root: str | Path) -> StudyPlan:
     order), then per seed x objective x method x lr x k the cleaning runs."""
     root = Path(root).absolute()
     grid = methods(spec.cleaning)
+    objectives = list(pretrain_objectives(spec.pretrain))
     ks = sorted({k for m in grid for k in m.ks})
     runs: list[Run] = []
     for seed in spec.seeds:
-        for objective in spec.pretrain.objectives:
+        for objective in objectives:
             runs.append(Run(pretrain_name(objective, seed), "pretrain", seed, objective, None, None, None,
                             _pretrain_config(spec, root, objective, seed)))
     for seed in spec.seeds:
-        for objective in spec.pretrain.objectives:
+        for objective in objectives:
             parent = pretrain_name(objective, seed)
             for method in grid:
                 for lr in method.lrs:
@@ -552,7 +581,7 @@ def _eval_config(spec: StudySpec, every: int) -> EvalConfig:
 
 
 def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int) -> TrainConfig:
-    p = spec.pretrain
+    p = pretrain_objectives(spec.pretrain)[objective]
     l1, l2 = OBJECTIVES[objective]
     return TrainConfig(
         run_dir=str(root / pretrain_name(objective, seed)), model=p.model, epochs=p.epochs,
@@ -568,7 +597,7 @@ def _clean_config(spec: StudySpec, root: Path, objective: str, method: Method, l
                   seed: int) -> TrainConfig:
     from clip_backdoor.cleaning import build_recipe
 
-    c, p = spec.cleaning, spec.pretrain
+    c, p = spec.cleaning, pretrain_objectives(spec.pretrain)[objective]
     set_dir = root / cleaning_set_name(k)
     if spec.data.kind == "wds":  # a WebDataset cleaning set is written as shards (poisons baked in)
         data = dataclasses.replace(_data_config(spec, None), path=str(set_dir / "shard-*.tar"),
