@@ -152,6 +152,15 @@ def test_no_qualifying_point_is_none_and_headline_says_so():
     assert "| MMCL | 50.0 / 99.0 | MMCL only | none |  | 80.0 | 1 |" in table
 
 
+def test_headline_warns_when_the_backdoor_was_never_learned():
+    rows = run(1e-4, [(0.45, 0.01)], poisoned=(0.5, 0.04))
+    rows += run(1e-4, [(0.45, 0.01)], pretrain="mmcl+ssl", poisoned=(0.5, 0.90))
+    table = headline_table(rows)
+    assert "Warning: the poisoned MMCL model already has ASR ≤ 5%" in table
+    assert "MMCL+SSL model" not in table
+    assert "Warning" not in headline_table(run(1e-4, [(0.45, 0.01)]))
+
+
 def test_ties_break_by_lower_asr_then_earlier_epoch_then_smaller_lr():
     rows = run(1e-3, [(0.40, 0.03), (0.40, 0.01)])
     rows += run(1e-4, [(0.40, 0.01), (0.40, 0.01)])

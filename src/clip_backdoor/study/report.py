@@ -490,6 +490,9 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
         notes.append("No cleaning runs in the results yet: selection and cleaning figures are empty.")
     if not data.has_asr:
         notes.append("No ASR in the results: oracle selection (ASR ≤ τ, minimum ASR) is not possible.")
+    for label in select.unlearned_backdoors(data.rows, data.tau):
+        notes.append(f"The poisoned {label} model already has ASR ≤ {data.tau * 100:g}%: the backdoor was "
+                     "not learned, so selection at that threshold says nothing about cleaning.")
     for objective in data.objectives:
         if not any(r["pretrain"] == objective for r in data.clean):
             notes.append(f"Pre-training objective {objective_label(objective)} has no cleaning runs yet.")

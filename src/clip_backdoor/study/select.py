@@ -498,8 +498,21 @@ def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> str:
     """The sentence under the headline table saying what its numbers are."""
     rows = typed_rows(rows)
     n = len({r["seed"] for r in rows})
-    return (f"Top-1 zero-shot accuracy and attack success rate in %, mean ± std over {n} "
+    note = (f"Top-1 zero-shot accuracy and attack success rate in %, mean ± std over {n} "
             f"seed{'s' if n != 1 else ''}. Best acc: the highest accuracy among all "
             f"(learning rate, epoch ≥ 1) cleaning checkpoints with ASR ≤ {tau * 100:g}% (the paper's "
             f"selection, which peeks at ASR); \"none\": no checkpoint got there; (a/b seeds): it did in "
             f"a of b seeds, and the mean is over those.")
+    unlearned = unlearned_backdoors(rows, tau)
+    if unlearned:
+        plural = len(unlearned) > 1
+        note += (f" Warning: the poisoned {' and '.join(unlearned)} model{'s' if plural else ''} already "
+                 f"ha{'ve' if plural else 's'} ASR ≤ {tau * 100:g}% (the backdoor was not learned), so "
+                 f"{'their' if plural else 'its'} rows say nothing about cleaning.")
+    return note
+
+
+def unlearned_backdoors(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> list[str]:
+    """Objectives whose poisoned model (mean over seeds) is already at ASR ≤ τ."""
+    return [objective_label(r["pretrain"]) for r in poisoned_table(rows)
+            if r["asr1_mean"] is not None and r["asr1_mean"] <= tau + _TAU_SLACK]
