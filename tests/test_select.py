@@ -185,6 +185,16 @@ def test_without_asr_oracle_rules_say_no_asr_and_realistic_rules_still_work():
     assert "no ASR" in headline_table(rows)
 
 
+def test_nan_metrics_of_a_diverged_run_are_skipped():
+    nan = float("nan")
+    rows = run(1e-4, [(0.45, 0.02)]) + run(1e-2, [(nan, nan), (0.30, nan)])
+    per_seed = select_per_seed(rows)
+    assert pick(per_seed, "best-acc")["acc1"] == 0.45
+    assert pick(per_seed, "asr<=5%")["lr"] == 1e-4
+    assert pick(per_seed, "min-asr")["asr1"] == 0.02
+    assert pick(per_seed, "last-epoch")["acc1"] == 0.45  # lr 1e-2's last finite point is 0.30
+
+
 def test_run_with_only_epoch_zero_has_no_points():
     rows = run(1e-4, [])
     per_seed = select_per_seed(rows)

@@ -97,10 +97,11 @@ class StudyData:
         self.methods = sorted({r["method"] or "" for r in self.clean}, key=method_key)
         self.ks = sorted({r["k"] or 0 for r in self.clean})
         self.seeds = sorted({r["seed"] for r in self.rows})
-        self.has_asr = any(select._finite(r.get("asr1")) is not None for r in self.rows)
+        self.has_asr = any(select.finite(r.get("asr1")) is not None for r in self.rows)
         self.poisoned = select.poisoned_models(self.rows)
         self.per_seed = select.select_per_seed(self.rows, self.taus)
-        unknown = iter(c for c in EXTRA_COLOURS + OKABE_ITO if c not in METHOD_COLOURS.values())
+        spare = [c for c in dict.fromkeys(EXTRA_COLOURS + OKABE_ITO) if c not in METHOD_COLOURS.values()]
+        unknown = iter(spare)  # methods outside the known list, in sorted order
         self.colours = {m: METHOD_COLOURS.get(m) or next(unknown, "#7F7F7F") for m in self.methods}
 
     def cleaned_points(self, objective: str) -> list[dict]:
@@ -110,7 +111,7 @@ class StudyData:
 
 
 def _pct(x: float | None) -> float | None:
-    x = select._finite(x)
+    x = select.finite(x)
     return None if x is None else 100 * x
 
 
@@ -128,14 +129,13 @@ def _panels(n: int, width: float, height: float, sharey: bool = True, rows: int 
     return fig, axes
 
 
-def _poisoned_stars(ax, data: StudyData, objective: str, label: bool) -> None:
+def _poisoned_stars(ax, data: StudyData, objective: str) -> None:
+    """One star per seed: each seed pre-trained its own poisoned model."""
     for seed in data.seeds:
         base = data.poisoned.get((seed, objective))
         if base and _pct(base.get("asr1")) is not None and _pct(base.get("acc1")) is not None:
             ax.scatter(_pct(base["asr1"]), _pct(base["acc1"]), marker="*", s=260, color="#000000",
-                       edgecolors="white", linewidths=0.8, zorder=5,
-                       label="poisoned model" if label else None)
-            label = False
+                       edgecolors="white", linewidths=0.8, zorder=5)
 
 
 def _asr_band(ax, tau: float) -> None:
@@ -186,7 +186,7 @@ def figure_acc_vs_asr(data: StudyData) -> Figure | str:
                 else:
                     ax.scatter(x, y, s=26, marker=_k_marker(data, k), facecolors="none", edgecolors=colour,
                                alpha=alpha, lw=1.0, zorder=3)
-        _poisoned_stars(ax, data, objective, label=False)
+        _poisoned_stars(ax, data, objective)
         ax.set_title(f"pre-trained with {objective_label(objective)}")
         ax.set_xlabel(ASR_LABEL)
     _accuracy_axis(axes[0], data, objectives)
@@ -258,7 +258,7 @@ def figure_trajectories(data: StudyData) -> Figure | str:
                 ax.plot([], [], color=data.colours[method], lw=1.6, marker="o",
                         label=f"{method_label(method)}, lr {', '.join(lrs)}")
                 methods_drawn.append(method)
-        _poisoned_stars(ax, data, objective, label=False)
+        _poisoned_stars(ax, data, objective)
         ax.set_title(f"pre-trained with {objective_label(objective)}")
         ax.set_xlabel(ASR_LABEL)
         ax.legend(loc="best", frameon=True, framealpha=0.85, fontsize=8, title_fontsize=8,

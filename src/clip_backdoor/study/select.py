@@ -194,7 +194,8 @@ class Point:
     asr1: float | None
 
 
-def _finite(x: float | None) -> float | None:
+def finite(x: float | None) -> float | None:
+    """The value, or None when absent or NaN/inf (a diverged run)."""
     return x if x is not None and math.isfinite(x) else None
 
 
@@ -225,7 +226,7 @@ def poisoned_models(rows: Sequence[dict]) -> dict[tuple, dict]:
     """
     rows = typed_rows(rows)
     found: dict[tuple, dict] = {}
-    epoch0 = sorted((r for r in clean_rows(rows) if r["epoch"] == 0 and _finite(r.get("acc1")) is not None),
+    epoch0 = sorted((r for r in clean_rows(rows) if r["epoch"] == 0 and finite(r.get("acc1")) is not None),
                     key=lambda r: (str(r.get("run") or ""), method_key(r.get("method") or ""),
                                    r.get("k") or 0, r.get("lr") or 0.0))
     for r in epoch0:
@@ -233,7 +234,7 @@ def poisoned_models(rows: Sequence[dict]) -> dict[tuple, dict]:
                                                       "source": "clean epoch 0"})
     last_pretrain: dict[tuple, dict] = {}
     for r in rows:
-        if r["stage"] == "pretrain" and _finite(r.get("acc1")) is not None:
+        if r["stage"] == "pretrain" and finite(r.get("acc1")) is not None:
             key = (r["seed"], r["pretrain"])
             if key not in last_pretrain or r["epoch"] > last_pretrain[key]["epoch"]:
                 last_pretrain[key] = r
@@ -251,9 +252,9 @@ def cleaning_points(rows: Sequence[dict]) -> dict[tuple, list[Point]]:
     for r in clean_rows(rows):
         key = group_key(r)
         groups[key]  # noqa: B018 - register the group even if it has no cleaned point yet
-        acc = _finite(r.get("acc1"))
+        acc = finite(r.get("acc1"))
         if r["epoch"] >= 1 and acc is not None:
-            groups[key].append(Point(r.get("lr"), r["epoch"], acc, _finite(r.get("asr1"))))
+            groups[key].append(Point(r.get("lr"), r["epoch"], acc, finite(r.get("asr1"))))
     return dict(groups)
 
 
