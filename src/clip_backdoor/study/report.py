@@ -367,7 +367,8 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
     handles.append(Line2D([], [], marker="x", ls="", color="#555555", markersize=7,
                           label=f"no checkpoint at ASR ≤ {data.tau * 100:g}%"))
     fig.legend(handles=handles, loc="outside right center", frameon=False, title="cleaning method")
-    fig.suptitle("0 vs k poisons left in the cleaning set (mean ± std over seeds)")
+    seeds = f" (mean ± std over {len(data.seeds)} seeds)" if len(data.seeds) > 1 else ""
+    fig.suptitle(f"0 vs k poisons left in the cleaning set{seeds}")
     return fig
 
 
