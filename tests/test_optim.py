@@ -45,6 +45,28 @@ def test_optimizer_groups_carry_the_weight_decay():
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
 
 
+def test_steps_follow_the_adamw_formula():
+    """Three steps of the (fused) optimizer against decoupled-decay Adam written out by hand."""
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)  # weight decays, bias does not
+    opt = build_optimizer(m, lr=1e-2, weight_decay=0.5, betas=(0.9, 0.99), eps=1e-8)
+    ref = {n: (p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p)) for n, p in m.named_parameters()}
+    for t in range(1, 4):
+        grads = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+        for n, p in m.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n, (w, mom, var) in ref.items():
+            wd = 0.5 if n == "weight" else 0.0
+            w.mul_(1 - 1e-2 * wd)
+            mom.mul_(0.9).add_(0.1 * grads[n])
+            var.mul_(0.99).add_(0.01 * grads[n] ** 2)
+            m_hat, v_hat = mom / (1 - 0.9 ** t), var / (1 - 0.99 ** t)
+            w.sub_(1e-2 * m_hat / (v_hat.sqrt() + 1e-8))
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), ref[n][0], rtol=1e-5, atol=1e-6)
+
+
 def test_clip_decay_groups_cover_every_parameter_once():
     from clip_backdoor.models import create_model
 

@@ -44,7 +44,10 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas=(
         {"params": decay, "weight_decay": weight_decay, "group": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    # The fused kernel does the whole update in one pass (about a quarter of a tiny CPU step saved).
+    devices = {p.device.type for p in decay + no_decay}
+    fused = bool(devices) and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> float:
