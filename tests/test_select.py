@@ -161,6 +161,15 @@ def test_headline_warns_when_the_backdoor_was_never_learned():
     assert "Warning" not in headline_table(run(1e-4, [(0.45, 0.01)]))
 
 
+def test_headline_notes_backdoors_of_unequal_strength():
+    even = run(1e-4, [(0.45, 0.01)], poisoned=(0.5, 0.99))
+    even += run(1e-4, [(0.45, 0.01)], pretrain="mmcl+ssl", poisoned=(0.5, 0.80))  # a gap of 19 points
+    assert "unequal strength" not in headline_table(even)
+    uneven = run(1e-4, [(0.45, 0.01)], poisoned=(0.5, 0.99))
+    uneven += run(1e-4, [(0.45, 0.01)], pretrain="mmcl+ssl", poisoned=(0.5, 0.72))
+    assert "unequal strength (ASR MMCL 99%, MMCL+SSL 72%)" in headline_table(uneven)
+
+
 def test_ties_break_by_lower_asr_then_earlier_epoch_then_smaller_lr():
     rows = run(1e-3, [(0.40, 0.03), (0.40, 0.01)])
     rows += run(1e-4, [(0.40, 0.01), (0.40, 0.01)])

@@ -494,6 +494,11 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
     for label in select.unlearned_backdoors(data.rows, data.tau):
         notes.append(f"The poisoned {label} model already has ASR ≤ {data.tau * 100:g}%: the backdoor was "
                      "not learned, so selection at that threshold says nothing about cleaning.")
+    uneven = select.uneven_backdoors(data.rows)
+    if uneven:
+        notes.append("The poisoned models learned backdoors of unequal strength (ASR "
+                     + ", ".join(f"{label} {asr * 100:.0f}%" for label, asr in uneven)
+                     + "): compare their cleaning results with that in mind.")
     for objective in data.objectives:
         if not any(r["pretrain"] == objective for r in data.clean):
             notes.append(f"Pre-training objective {objective_label(objective)} has no cleaning runs yet.")

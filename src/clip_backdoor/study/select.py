@@ -44,6 +44,9 @@ DEFAULT_TAUS = (0.01, 0.05, 0.10)
 HEADLINE_TAU = 0.05
 # ASR is a ratio of counts (e.g. 5/100); the slack keeps "exactly τ" inside the band despite rounding.
 _TAU_SLACK = 1e-9
+# Poisoned models whose ASRs differ by this much (absolute) learned backdoors of unequal strength:
+# their cleaning results are not directly comparable, and the headline says so.
+UNEVEN_ASR_GAP = 0.20
 
 # Known names first, in the paper's order; anything else follows alphabetically.
 OBJECTIVE_ORDER = ("mmcl", "mmcl+ssl", "ssl")
@@ -510,7 +513,21 @@ def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> str:
         note += (f" Warning: the poisoned {' and '.join(unlearned)} model{'s' if plural else ''} already "
                  f"ha{'ve' if plural else 's'} ASR ≤ {tau * 100:g}% (the backdoor was not learned), so "
                  f"{'their' if plural else 'its'} rows say nothing about cleaning.")
+    uneven = uneven_backdoors(rows)
+    if uneven:
+        listing = ", ".join(f"{label} {asr * 100:.0f}%" for label, asr in uneven)
+        note += (f" Note: the poisoned models learned backdoors of unequal strength (ASR {listing}); a "
+                 f"weaker backdoor is not necessarily easier to remove, but compare with that in mind.")
     return note
+
+
+def uneven_backdoors(rows: Sequence[dict], gap: float = UNEVEN_ASR_GAP) -> list[tuple[str, float]]:
+    """``[(objective label, mean poisoned ASR), ...]`` when those ASRs span ``gap`` or more, else ``[]``."""
+    asrs = [(objective_label(r["pretrain"]), r["asr1_mean"]) for r in poisoned_table(rows)
+            if r["asr1_mean"] is not None]
+    if len(asrs) < 2 or max(a for _, a in asrs) - min(a for _, a in asrs) < gap - _TAU_SLACK:
+        return []
+    return asrs
 
 
 def unlearned_backdoors(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> list[str]:
