@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,9 @@ from clip_backdoor.data.captions import CsvSource, SyntheticSource, WdsSource
 from clip_backdoor.data.loader import build_train_loader
 from clip_backdoor.data.world import World
 from clip_backdoor.data.writers import write_csv_dataset, write_wds_dataset
-from clip_backdoor.fileio import write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, finish, load_line, print_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "data.json"
@@ -159,24 +160,12 @@ def benchmark_size(size: int, args: argparse.Namespace, tmp: Path) -> tuple[list
     return runs, views, writes
 
 
-def environment(workers: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "workers": workers}
-
-
 def print_table(result: dict) -> None:
     env = result["environment"]
-    print(f"\n{env['cpu_count']} cores, {env['workers']} workers, load average "
-          f"{result['load_average_before'][0]:.2f} -> {result['load_average_after'][0]:.2f}")
-    header = f"{'source':<16} {'px':>4} {'stored':>6} {'batch':>5} {'first epoch/s':>13} {'steady/s':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in result["loaders"]:
-        print(f"{r['source']:<16} {r['image_size']:>4} {r['stored_size']:>6} {r['batch']:>5} "
-              f"{r['first_epoch_samples_per_s']:>13.0f} {r['steady_samples_per_s']:>9.0f}")
+    print(f"\n{env['cpu_count']} cores, {env['workers']} workers, {load_line(result)}")
+    print_rows([("source", "source", "<16"), ("px", "image_size", ">4"), ("stored", "stored_size", ">6"),
+                ("batch", "batch", ">5"), ("first epoch/s", "first_epoch_samples_per_s", ">13.0f"),
+                ("steady/s", "steady_samples_per_s", ">9.0f")], result["loaders"])
     print()
     for v in result["views"]:
         where = f" at {v['image_size']} px, batch {v['batch']}" if "image_size" in v else ""
@@ -210,13 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             checks[f"{name} 32 px / training step"] = round(ratio, 2)
             checks[f"{name} 32 px >= {TARGET_HEADROOM:.0f}x training step"] = ratio >= TARGET_HEADROOM
 
-    result = {"benchmark": "data", "environment": environment(args.workers),
+    result = {"benchmark": "data",
+              "environment": environment(torch_threads=torch.get_num_threads(), workers=args.workers),
               "load_average_before": load_before, "load_average_after": load_after,
               "loaders": loaders, "views": views, "writes": writes, "checks": checks}
-    write_json(args.out, result)
-    print_table(result)
-    print(f"\nwrote {args.out}")
-    return 0
+    return finish(args.out, result, print_table)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ import torch
 from clip_backdoor.attacks.triggers import get_trigger
 from clip_backdoor.data.classification import open_eval_set
 from clip_backdoor.evaluate import build_classifier, evaluate_model
-from clip_backdoor.fileio import write_json
 from clip_backdoor.models import create_model
 from clip_backdoor.tokenizer import tokenize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, finish, load_line, print_rows  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "evaluate.json"
 # Target for the CPU workhorse config (tiny, synthetic split, accuracy + ASR) on a 2-core machine.
@@ -127,34 +129,23 @@ def main(argv: list[str]) -> int:
         "render_images_per_s": round(args.n / render_s, 1),
         "rows": rows,
         "target_eval_images_per_s": TARGET_EVAL_IMAGES_PER_S,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-                        "machine": platform.machine()},
+        "environment": environment(threads=torch.get_num_threads(), machine=platform.machine()),
         "load_average_before": load_before, "load_average_after": load_after,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    print_table(result)
-    print(f"\nwrote {args.out}")
-    return 0
+    return finish(args.out, result, print_table)
 
 
 def print_table(result: dict) -> None:
     env = result["environment"]
     print(f"\n{result['model']} on the synthetic eval split, n={result['n']}, batch {result['batch_size']}, "
-          f"{env['threads']} threads on {env['cpu_count']} cores, load average "
-          f"{result['load_average_before'][0]:.2f} -> {result['load_average_after'][0]:.2f}")
+          f"{env['threads']} threads on {env['cpu_count']} cores, {load_line(result)}")
     clf = result["classifier"]
     seconds = ", ".join(f"{p} {t:.2f} s" for p, t in clf["seconds"].items())
     print(f"classifier: {clf['classes']} classes x {clf['templates']} templates ({seconds}); "
           f"world rendering alone: {result['render_images_per_s']:.0f} images/s\n")
-    header = (f"{'precision':<9} {'data':<11} {'workers':>7} {'metrics':<10} {'seconds':>8} "
-              f"{'eval images/s':>14}")
-    print(header)
-    print("-" * len(header))
-    for r in result["rows"]:
-        print(f"{r['precision']:<9} {r['data']:<11} {r['workers']:>7} {r['metrics']:<10} "
-              f"{r['seconds']:>8.3f} {r['eval_images_per_s']:>14.0f}")
+    print_rows([("precision", "precision", "<9"), ("data", "data", "<11"), ("workers", "workers", ">7"),
+                ("metrics", "metrics", "<10"), ("seconds", "seconds", ">8.3f"),
+                ("eval images/s", "eval_images_per_s", ">14.0f")], result["rows"])
     print(f"\ntarget: {result['target_eval_images_per_s']:.0f} eval images/s for acc + ASR")
 
 

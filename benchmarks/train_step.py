@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,9 +26,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from clip_backdoor.fileio import write_json
 from clip_backdoor.models import create_model
 from clip_backdoor.objectives import Objective, split_views
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, finish, load_line, print_rows  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_step.json"
 # Targets for the CPU workhorse config (tiny, batch 128) on a 2-core machine.
@@ -177,31 +178,16 @@ def target_checks(runs: list[dict], precisions: list[str]) -> dict:
     return checks
 
 
-def environment(device: torch.device, threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {
-        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
-        "cpu_count": os.cpu_count(), "threads": threads,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-    }
-
-
 def print_table(result: dict) -> None:
     print(f"\n{result['model']} batch {result['batch']}, {result['environment']['threads']} threads, "
-          f"load average {result['load_average_before'][0]:.2f} -> {result['load_average_after'][0]:.2f}")
+          f"{load_line(result)}")
     print(f"matmul peak: fp32 {result['matmul_peak_gflop_per_s']['fp32']:.0f} GFLOP/s, "
           f"bf16 {result['matmul_peak_gflop_per_s']['bf16']:.0f} GFLOP/s")
-    header = (f"{'objective':<10} {'precision':<9} {'ms/step':>8} {'cpu ms':>8} {'samples/s':>10} "
-              f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'% peak':>7}")
-    print(header)
-    print("-" * len(header))
-    for r in result["runs"]:
-        print(f"{r['objective']:<10} {r['precision']:<9} {r['step_ms_median']:>8.1f} "
-              f"{r['cpu_ms_per_step_median']:>8.1f} {r['samples_per_s']:>10.0f} {r['gflop_per_step']:>11.2f} "
-              f"{r['gflop_per_s']:>8.1f} {100 * r['fraction_of_matmul_peak']:>6.1f}%")
+    rows = [{**r, "percent_of_peak": 100 * r["fraction_of_matmul_peak"]} for r in result["runs"]]
+    print_rows([("objective", "objective", "<10"), ("precision", "precision", "<9"),
+                ("ms/step", "step_ms_median", ">8.1f"), ("cpu ms", "cpu_ms_per_step_median", ">8.1f"),
+                ("samples/s", "samples_per_s", ">10.0f"), ("GFLOP/step", "gflop_per_step", ">11.2f"),
+                ("GFLOP/s", "gflop_per_s", ">8.1f"), ("% peak", "percent_of_peak", ">7.1f")], rows)
     for name, value in result["checks"].items():
         print(f"{name}: {value}")
 
@@ -229,14 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "train_step", "model": args.model, "batch": args.batch,
         "steps": args.steps, "warmup": args.warmup, "matmul_size": args.matmul_size,
-        "environment": environment(device, args.threads),
+        "environment": environment(
+            threads=args.threads,
+            device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)),
         "load_average_before": load_before, "load_average_after": load_after,
         "matmul_peak_gflop_per_s": peaks, "runs": runs, "checks": checks,
     }
-    write_json(args.out, result)
-    print_table(result)
-    print(f"\nwrote {args.out}")
-    return 0
+    return finish(args.out, result, print_table)
 
 
 if __name__ == "__main__":
