@@ -381,16 +381,21 @@ def _check_pretrain_settings(p: PretrainSpec, where: str) -> None:
     _choice(p.eda, ("static", "dynamic"), f"{where}.eda")
 
 
+def _named_entry(entry, where: str, expected: str) -> dict:
+    """A list entry given as a bare name or as a mapping with a name: always the mapping."""
+    if isinstance(entry, str):
+        return {"name": entry}
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected {expected}, got {entry!r}")
+    return entry
+
+
 def pretrain_objectives(p: PretrainSpec) -> dict[str, PretrainSpec]:
     """Objective name -> its pre-training settings (the section's, changed by the entry's own)."""
     out: dict[str, PretrainSpec] = {}
     for i, entry in enumerate(p.objectives):
         where = f"pretrain.objectives[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: expected an objective name or {{name, batch_size, ...}}, "
-                            f"got {entry!r}")
+        entry = _named_entry(entry, where, "an objective name or {name, batch_size, ...}")
         changes = {k: v for k, v in entry.items() if k != "name"}
         for key in ("objectives", "model"):  # one model and one list per study
             if key in changes:
@@ -430,11 +435,7 @@ def methods(c: CleaningSpec) -> list[Method]:
     out = []
     for i, entry in enumerate(c.methods):
         where = f"cleaning.methods[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: expected a method name or {{name, params, label, lrs, k}}, "
-                            f"got {entry!r}")
+        entry = _named_entry(entry, where, "a method name or {name, params, label, lrs, k}")
         valid = ("name", "params", "label", "lrs", "k")
         for key in entry:
             if key not in valid:
