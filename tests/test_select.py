@@ -158,6 +158,7 @@ def test_headline_warns_when_the_backdoor_was_never_learned():
     table = headline_table(rows)
     assert "Warning: the poisoned MMCL model already has ASR ≤ 5%" in table
     assert "MMCL+SSL model" not in table
+    assert "unequal strength" not in table  # the stronger warning says it already
     assert "Warning" not in headline_table(run(1e-4, [(0.45, 0.01)]))
 
 

@@ -513,7 +513,7 @@ def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> str:
         note += (f" Warning: the poisoned {' and '.join(unlearned)} model{'s' if plural else ''} already "
                  f"ha{'ve' if plural else 's'} ASR ≤ {tau * 100:g}% (the backdoor was not learned), so "
                  f"{'their' if plural else 'its'} rows say nothing about cleaning.")
-    uneven = uneven_backdoors(rows)
+    uneven = [] if unlearned else uneven_backdoors(rows)  # one warning about backdoor strength is enough
     if uneven:
         listing = ", ".join(f"{label} {asr * 100:.0f}%" for label, asr in uneven)
         note += (f" Note: the poisoned models learned backdoors of unequal strength (ASR {listing}); a "
