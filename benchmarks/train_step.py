@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clip_backdoor.models import create_model
 from clip_backdoor.objectives import Objective, split_views
+from clip_backdoor.train.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, finish, load_line, print_rows  # noqa: E402
@@ -90,7 +91,7 @@ class TrainStep:
         self.cpu_times: list[float] = []
         self.model = create_model(model_name, seed=0).to(device).train()
         self.objective = Objective.from_name(objective_name)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        self.optimizer = build_optimizer(self.model, lr=1e-4, weight_decay=0.1)
         self.batch = batch
         # With SSL, originals and augmented views travel as one concatenated batch.
         rows = 2 * batch if self.objective.uses_ssl else batch
