@@ -91,6 +91,17 @@ def test_run_configs_follow_the_grid(tmp_path):
                        "cleanclip,ssl_weight=2": (1.0, 2.0)}
 
 
+def test_pretraining_ssl_weight_and_view_policy_reach_the_runs(tmp_path):
+    spec = parse_spec(tiny(pretrain={"objectives": ["mmcl", "mmcl+ssl", "ssl"], "ssl_weight": 0.5,
+                                     "image_policy": "svhn"}))
+    plan = expand(spec, tmp_path / "s")
+    weights = {o: (plan.run(f"pretrain/{o},seed=0").cfg.objective.mmcl_weight,
+                   plan.run(f"pretrain/{o},seed=0").cfg.objective.ssl_weight) for o in ("mmcl", "mmcl+ssl", "ssl")}
+    assert weights == {"mmcl": (1.0, 0.0), "mmcl+ssl": (1.0, 0.5), "ssl": (0.0, 0.5)}
+    assert plan.run("pretrain/mmcl+ssl,seed=0").cfg.objective.image_policy == "svhn"
+    assert all(r.cfg.objective.image_policy == "imagenet" for r in plan.runs if r.stage == "clean")
+
+
 def test_learning_rates_in_names():
     assert [format_lr(x) for x in (1e-5, 2.5e-4, 1e-3, 3e-5, 0.05, 1e-9)] == \
         ["1e-5", "2.5e-4", "1e-3", "3e-5", "0.05", "1e-9"]
@@ -136,6 +147,10 @@ def test_unknown_key_names_its_path_and_file(tmp_path, change, where):
     ({"attack": {"n": 8, "fraction": 0.1}}, "attack: give the number of poisons as exactly one"),
     ({"attack": {"trigger": "laser"}}, "attack.trigger"),
     ({"data": {"kind": "csv"}}, "data.path: required for data.kind=csv"),
+    ({"pretrain": {"ssl_weight": 0}}, "pretrain.ssl_weight: 0.0 must be > 0"),
+    ({"pretrain": {"objectives": ["mmcl", {"name": "mmcl+ssl", "ssl_weight": "lots"}]}},
+     "pretrain.objectives[1].ssl_weight: expected a number, got 'lots'"),
+    ({"pretrain": {"image_policy": "strong"}}, "pretrain.image_policy"),
 ])
 def test_bad_grid_value_names_itself(tmp_path, change, where):
     assert where in error_of(tmp_path, tiny(**change))

@@ -91,6 +91,10 @@ class PretrainSpec:
     grad_clip: float | None = None
     precision: str = "fp32"
     eda: str = "static"  # text views for SSL: static (reference) | dynamic
+    ssl_weight: float = 1.0  # λ2 of the objectives with an SSL term (mmcl+ssl, ssl); mmcl has none
+    # AutoAugment policy of the pre-training SSL image view: imagenet | cifar10 | svhn (cleaning keeps
+    # the reference's imagenet view)
+    image_policy: str = "imagenet"
     eval_every: int = 1  # evaluate every N epochs (and the last)
     save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (latest.pt always)
 
@@ -379,6 +383,11 @@ def _check_pretrain_settings(p: PretrainSpec, where: str) -> None:
         raise UserError(f"{where}.lr: {p.lr!r} must be > 0")
     _choice(p.precision, PRECISIONS, f"{where}.precision")
     _choice(p.eda, ("static", "dynamic"), f"{where}.eda")
+    if not _number(p.ssl_weight, f"{where}.ssl_weight") > 0:
+        raise UserError(f"{where}.ssl_weight: {p.ssl_weight!r} must be > 0 (pre-train with mmcl for none)")
+    from clip_backdoor.data.augment import POLICIES
+
+    _choice(p.image_policy, POLICIES, f"{where}.image_policy")
 
 
 def _named_entry(entry, where: str, expected: str) -> dict:
@@ -584,12 +593,13 @@ def _eval_config(spec: StudySpec, every: int) -> EvalConfig:
 def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int) -> TrainConfig:
     p = pretrain_objectives(spec.pretrain)[objective]
     l1, l2 = OBJECTIVES[objective]
+    l2 *= float(p.ssl_weight)  # scales an SSL term where the objective has one; mmcl stays 0
     return TrainConfig(
         run_dir=str(root / pretrain_name(objective, seed)), model=p.model, epochs=p.epochs,
         batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
         seed=seed, save_every=p.save_every, data=_data_config(spec, root / POISON_DIR / MANIFEST),
         eval=_eval_config(spec, p.eval_every),
-        objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda),
+        objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),
         optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
                           grad_clip=p.grad_clip))
 
