@@ -95,8 +95,8 @@ def test_pretraining_ssl_weight_and_view_policy_reach_the_runs(tmp_path):
     spec = parse_spec(tiny(pretrain={"objectives": ["mmcl", "mmcl+ssl", "ssl"], "ssl_weight": 0.5,
                                      "image_policy": "svhn"}))
     plan = expand(spec, tmp_path / "s")
-    weights = {o: (plan.run(f"pretrain/{o},seed=0").cfg.objective.mmcl_weight,
-                   plan.run(f"pretrain/{o},seed=0").cfg.objective.ssl_weight) for o in ("mmcl", "mmcl+ssl", "ssl")}
+    objectives = {o: plan.run(f"pretrain/{o},seed=0").cfg.objective for o in ("mmcl", "mmcl+ssl", "ssl")}
+    weights = {o: (obj.mmcl_weight, obj.ssl_weight) for o, obj in objectives.items()}
     assert weights == {"mmcl": (1.0, 0.0), "mmcl+ssl": (1.0, 0.5), "ssl": (0.0, 0.5)}
     assert plan.run("pretrain/mmcl+ssl,seed=0").cfg.objective.image_policy == "svhn"
     assert all(r.cfg.objective.image_policy == "imagenet" for r in plan.runs if r.stage == "clean")

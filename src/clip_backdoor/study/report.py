@@ -496,9 +496,8 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
                      "not learned, so selection at that threshold says nothing about cleaning.")
     uneven = select.uneven_backdoors(data.rows)
     if uneven:
-        notes.append("The poisoned models learned backdoors of unequal strength (ASR "
-                     + ", ".join(f"{label} {asr * 100:.0f}%" for label, asr in uneven)
-                     + "): compare their cleaning results with that in mind.")
+        notes.append(f"The poisoned models learned backdoors of unequal strength (ASR "
+                     f"{select.backdoor_listing(uneven)}): compare their cleaning results with that in mind.")
     for objective in data.objectives:
         if not any(r["pretrain"] == objective for r in data.clean):
             notes.append(f"Pre-training objective {objective_label(objective)} has no cleaning runs yet.")

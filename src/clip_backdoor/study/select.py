@@ -515,8 +515,8 @@ def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> str:
                  f"{'their' if plural else 'its'} rows say nothing about cleaning.")
     uneven = [] if unlearned else uneven_backdoors(rows)  # one warning about backdoor strength is enough
     if uneven:
-        listing = ", ".join(f"{label} {asr * 100:.0f}%" for label, asr in uneven)
-        note += (f" Note: the poisoned models learned backdoors of unequal strength (ASR {listing}); a "
+        note += (f" Note: the poisoned models learned backdoors of unequal strength (ASR "
+                 f"{backdoor_listing(uneven)}); a "
                  f"weaker backdoor is not necessarily easier to remove, but compare with that in mind.")
     return note
 
@@ -528,6 +528,11 @@ def uneven_backdoors(rows: Sequence[dict], gap: float = UNEVEN_ASR_GAP) -> list[
     if len(asrs) < 2 or max(a for _, a in asrs) - min(a for _, a in asrs) < gap - _TAU_SLACK:
         return []
     return asrs
+
+
+def backdoor_listing(asrs: Sequence[tuple[str, float]]) -> str:
+    """``MMCL 98%, MMCL+SSL 72%``."""
+    return ", ".join(f"{label} {asr * 100:.0f}%" for label, asr in asrs)
 
 
 def unlearned_backdoors(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> list[str]:
