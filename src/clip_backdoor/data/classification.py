@@ -100,15 +100,20 @@ def check_templates(templates: Any, where: str) -> list[str]:
     return list(templates)
 
 
+def _load_names(value: Any, folder: Path, filename: str, default, check, what: str) -> list[str]:
+    """A list given as is or as a JSON path; else ``folder/filename``; else ``default()``; checked."""
+    if value is None:
+        if not (folder / filename).is_file():
+            return default()
+        value = folder / filename
+    if isinstance(value, (str, os.PathLike)):
+        return check(read_json(value, what), str(value))
+    return check(list(value), what)
+
+
 def load_templates(templates: str | os.PathLike | Sequence[str] | None, folder: Path) -> list[str]:
     """Templates given as a list or a JSON path; else ``folder/templates.json``; else ImageNet's 80."""
-    if templates is None:
-        if not (folder / TEMPLATES_FILE).is_file():
-            return imagenet_templates()
-        templates = folder / TEMPLATES_FILE
-    if isinstance(templates, (str, os.PathLike)):
-        return check_templates(read_json(templates, "templates"), str(templates))
-    return check_templates(list(templates), "templates")
+    return _load_names(templates, folder, TEMPLATES_FILE, imagenet_templates, check_templates, "templates")
 
 
 def resolve_class(classes: Sequence[str], name: str | int) -> int:
@@ -255,13 +260,7 @@ class LabelsCsvSet(_FileSet):
 
     @staticmethod
     def _classes(classes: Any, folder: Path) -> list[str]:
-        if classes is None:
-            if not (folder / CLASSNAMES_FILE).is_file():
-                return imagenet_classes()
-            classes = folder / CLASSNAMES_FILE
-        if isinstance(classes, (str, os.PathLike)):
-            return check_classes(read_json(classes, "class names"), str(classes))
-        return check_classes(list(classes), "class names")
+        return _load_names(classes, folder, CLASSNAMES_FILE, imagenet_classes, check_classes, "class names")
 
 
 class SyntheticEvalSet(torch.utils.data.Dataset):
