@@ -470,3 +470,46 @@ def test_evaluate_command_errors_are_one_line(tmp_path, tiny, capsys):
 def test_trigger_too_large_for_the_images_fails_before_the_loader(random_set, tiny):
     with pytest.raises(UserError, match="larger than the 32x32 image"):
         evaluate_model(tiny, random_set, target=1, trigger=get_trigger("badnet", size=40), workers=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Test-time trigger geometry: squashed like the poisons, clean images centre-cropped
+# --------------------------------------------------------------------------------------------
+def test_triggered_images_are_squashed_like_the_poisons_clean_ones_cropped(tmp_path):
+    """Non-square files: the triggered view is trigger(squash(img)) (the reference's apply_trigger
+    resizes to the model resolution first), the clean view is the centre crop. On a wide image the
+    two differ, so a patch pasted on the crop would sit on different pixels than at training time."""
+    import numpy as np
+    from PIL import Image
+
+    from clip_backdoor.attacks.triggers import trigger_image
+    from clip_backdoor.data.classification import ImageFolderSet
+    from clip_backdoor.data.transforms import preprocess, squash
+
+    rng = np.random.default_rng(0)
+    for cls, (h, w) in (("a", (24, 40)), ("b", (40, 24))):  # wide and tall
+        (tmp_path / cls).mkdir()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / cls / "0.png")
+    eval_set = ImageFolderSet(tmp_path, 16, templates=["a {}."])
+    trigger = get_trigger("patch", size=4, location="corner")
+    triggered = TriggeredEvalSet(eval_set, trigger, seed=0)
+    for i, (path, label) in enumerate(eval_set.items):
+        image = Image.open(path).convert("RGB")
+        clean, bad, got_label = triggered[i]
+        assert got_label == label
+        assert torch.equal(clean, preprocess(image, 16))
+        expected = trigger_image(image, trigger, 16, torch.Generator().manual_seed(image_seed(0, i)))
+        assert torch.equal(bad, expected)
+        # The crop and the squash really are different geometries here (else the test proves nothing).
+        assert not torch.equal(preprocess(image, 16), squash(image, 16))
+        assert not torch.equal(bad, apply_trigger_uint8(clean, trigger, torch.Generator()))
+
+
+def test_synthetic_eval_views_are_the_rendered_square_images():
+    from clip_backdoor.data.classification import open_eval_set
+
+    eval_set = open_eval_set({"kind": "synthetic", "n": 4}, 32)
+    for i in range(4):
+        clean, to_trigger, label = eval_set.views(i)
+        image, same_label = eval_set[i]
+        assert label == same_label and torch.equal(clean, image) and torch.equal(to_trigger, image)

@@ -15,8 +15,10 @@ Definitions (REFERENCE.md, "Evaluation"):
 - **Robust accuracy** ``ra1`` = among the same non-target triggered images, the fraction still
   classified (top-1) as their true class.
 
-The test-time trigger is applied exactly as at poisoning time (uint8 in, float trigger, quantised back
-to uint8, ``apply_trigger_uint8``) with a generator seeded from ``(seed, image index)``: a checkpoint's
+The test-time trigger is applied exactly as at poisoning time: the image is squashed to the model
+resolution (clean images are resized and centre-cropped instead), then triggered as uint8 in, float
+trigger, quantised back to uint8 (``apply_trigger_uint8``), with a generator seeded from
+``(seed, image index)``: a checkpoint's
 ASR is the same on every run and for every batch size or worker count (the reference redrew its
 triggers on every run).
 """
@@ -172,11 +174,16 @@ class TriggeredEvalSet(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         from clip_backdoor.attacks.triggers import apply_trigger_uint8
 
-        image, label = self.eval_set[index]
+        views = getattr(self.eval_set, "views", None)
+        if views is not None:  # clean: centre crop; triggered: squashed first, like the poisons
+            image, to_trigger, label = views(index)
+        else:  # a plain (image, label) dataset: already at the model resolution
+            image, label = self.eval_set[index]
+            to_trigger = image
         if label == self.skip_label:
             return image, image, label
         generator = torch.Generator().manual_seed(image_seed(self.seed, index))
-        return image, apply_trigger_uint8(image, self.trigger, generator), label
+        return image, apply_trigger_uint8(to_trigger, self.trigger, generator), label
 
 
 # --------------------------------------------------------------------------------------------

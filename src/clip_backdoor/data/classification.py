@@ -1,7 +1,10 @@
 """Labelled evaluation sets for zero-shot classification, and the class names and prompts they carry.
 
 Every set has ``.classes`` (distinct names), ``.templates`` (prompts with ``{}`` for the name),
-``__len__`` and ``__getitem__(i) -> (uint8 [3, S, S] preprocessed to the model resolution, label)``.
+``__len__``, ``__getitem__(i) -> (uint8 [3, S, S] preprocessed to the model resolution, label)`` and
+``views(i) -> (clean uint8 [3, S, S], uint8 [3, S, S] to trigger, label)``: clean images are resized
+and centre-cropped, images that get the test-time trigger are squashed to S × S first, exactly as the
+poisons were (and as the reference's ``apply_trigger`` does).
 Three kinds, built directly or from a config spec by :func:`open_eval_set`:
 
 - ``imagefolder``: ``root/<class_dir>/*.png|jpg|...``; class directories in sorted order, names from
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from clip_backdoor.data.transforms import preprocess
+from clip_backdoor.data.transforms import preprocess, squash
 from clip_backdoor.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -136,14 +139,27 @@ def resolve_class(classes: Sequence[str], name: str | int) -> int:
 # Evaluation sets
 # --------------------------------------------------------------------------------------------
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """Decode and preprocess one eval image; unreadable is an error: eval sets must be whole."""
+def _decode(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            return img.convert("RGB")
     except Exception as e:  # PIL raises many types for missing or corrupt files
         raise UserError(f"{path}: unreadable image in eval set ({type(e).__name__}: {e})") from None
-    return preprocess(img, image_size)
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """Decode and preprocess one eval image; unreadable is an error: eval sets must be whole."""
+    return preprocess(_decode(path), image_size)
+
+
+def views_of(image: Image.Image | torch.Tensor, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean view, view to trigger) of one eval image, both uint8 ``[3, S, S]``.
+
+    The clean view is resized and centre-cropped; the view to trigger is *squashed* to S × S, the
+    geometry the poisons were trained on (the reference's ``apply_trigger`` resizes to 224 × 224
+    before pasting the patch, and its processor's crop is then a no-op).
+    """
+    return preprocess(image, image_size), squash(image, image_size)
 
 
 class _FileSet(torch.utils.data.Dataset):
@@ -163,6 +179,11 @@ class _FileSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
         return load_image(path, self.image_size), label
+
+    def views(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(centre-cropped image, squashed image, label), decoding the file once."""
+        path, label = self.items[index]
+        return (*views_of(_decode(path), self.image_size), label)
 
     @property
     def labels(self) -> list[int]:
@@ -285,6 +306,16 @@ class SyntheticEvalSet(torch.utils.data.Dataset):
             image = preprocess(image, self.image_size)
         return image, label
 
+    def views(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(clean, to-trigger, label): the world renders squares, so both are the same image unless
+        it is rendered at another size than the model's."""
+        if not 0 <= index < self.n:
+            raise IndexError(f"synthetic eval index {index} out of range for {self.n} images")
+        image, label = self.world.eval_pair(index)
+        if image.shape[-1] == self.image_size:
+            return image, image, label
+        return (*views_of(image, self.image_size), label)
+
 
 # --------------------------------------------------------------------------------------------
 # From a config
@@ -353,4 +384,4 @@ def _spec_from_string(text: str) -> dict:
 
 __all__ = ["ImageFolderSet", "LabelsCsvSet", "SyntheticEvalSet", "open_eval_set", "resolve_class",
            "imagenet_classes", "imagenet_templates", "check_classes", "check_templates", "load_templates",
-           "load_image", "EVAL_KINDS"]
+           "load_image", "views_of", "EVAL_KINDS"]
