@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+import yaml
 
 from clip_backdoor import cleaning
 from clip_backdoor.cli import main as cli
@@ -269,3 +270,24 @@ def test_resolved_config_is_saved(pretrained):
     saved = yaml.safe_load((pretrained / "config.yaml").read_text())
     assert saved["epochs"] == 2 and saved["data"]["num_samples"] == 256
     json.dumps(saved)  # plain data only
+
+
+def test_global_batch_must_split_over_the_ranks():
+    from clip_backdoor.train.loop import per_rank_batch
+
+    assert per_rank_batch(2048, 8) == 256 and per_rank_batch(64, 1) == 64
+    with pytest.raises(UserError, match=r"batch_size=100 is the global batch .* 8 ranks"):
+        per_rank_batch(100, 8)
+
+
+def test_config_yaml_records_the_launch_and_loads_again(tmp_path):
+    cfg = cfg_for(tmp_path / "run", "epochs=1", "eval.every=0")
+    train(cfg)
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    resolved = yaml.safe_load(text)["resolved"]
+    assert resolved == {"world_size": 1, "batch_size": 64, "batch_size_per_rank": 64, "steps_per_epoch": 4,
+                        "total_steps": 4}
+    again = load_config(TrainConfig, tmp_path / "run" / "config.yaml")  # the record is not a setting
+    assert again.batch_size == 64
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (row["batch_size"], row["batch_size_per_rank"], row["world_size"]) == (64, 64, 1)

@@ -12,6 +12,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from clip_backdoor.config import TrainConfig, load_config
 from clip_backdoor.train.loop import train
@@ -35,7 +36,7 @@ def _config(run_dir, model_path, batch_size):
 def _worker(rank, port, run_dir, model_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    train(_config(run_dir, model_path, batch_size=16))
+    train(_config(run_dir, model_path, batch_size=32))  # global: 16 per rank
 
 
 def _free_port():
@@ -55,6 +56,11 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert ddp["step"] == single["step"] == 4
     for key, value in single["state_dict"].items():
         torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
-    ddp_loss = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    ddp_row = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
+    # batch_size is the global batch, whatever the launch; both the global and per-rank are recorded.
+    assert (ddp_row["batch_size"], ddp_row["batch_size_per_rank"], ddp_row["world_size"]) == (32, 16, 2)
+    resolved = yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["resolved"]
+    assert resolved["batch_size_per_rank"] == 16 and resolved["world_size"] == 2
+    ddp_loss = ddp_row["loss"]
     single_loss = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     assert ddp_loss == pytest.approx(single_loss, rel=1e-5)

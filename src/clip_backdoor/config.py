@@ -90,6 +90,8 @@ class TrainConfig:
     method: str | None = None  # cleaning recipe name (clip_backdoor.cleaning); None = plain run
     method_params: dict = field(default_factory=dict)
     epochs: int = 5
+    # The *global* batch: under torchrun each of the W ranks takes batch_size / W (it must divide), as
+    # in the reference, so the paper's 2048 / 1024 mean the same whatever the launch.
     batch_size: int = 128
     precision: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -220,13 +222,20 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# A run's config.yaml ends with what the launch made of the config (world size, per-rank batch, steps);
+# it is a record, not a setting, so loading that file again ignores it.
+RESOLVED_KEY = "resolved"
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Any:
     """``base`` dict, then the YAML file, then dotted overrides; validated into ``cls``."""
     data: dict = dict(base or {})
     where = "config"
     if path is not None:
-        data = _deep_merge(data, load_yaml(path))
+        loaded = load_yaml(path)
+        loaded.pop(RESOLVED_KEY, None)
+        data = _deep_merge(data, loaded)
         where = str(path)
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data, where)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clip_backdoor.config import TrainConfig, dump_yaml, to_dict
+from clip_backdoor.config import RESOLVED_KEY, TrainConfig, dump_yaml, to_dict
 from clip_backdoor.data.transforms import normalize
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_jsonl
@@ -131,12 +131,13 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     model, init_ckpt = _build_model(cfg, device)
     objective = Objective(mmcl_weight=cfg.objective.mmcl_weight, ssl_weight=cfg.objective.ssl_weight,
                           ssl_symmetric=cfg.objective.ssl_symmetric)
+    batch_per_rank = per_rank_batch(cfg.batch_size, env.world_size)
     loader = build_loader(cfg, image_size=model.image_size, context_length=model.context_length,
-                          env=env, with_text_view=objective.uses_ssl)
+                          env=env, with_text_view=objective.uses_ssl, batch_size=batch_per_rank)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"data: {loader.source.num_samples} samples give no full batch of {cfg.batch_size} "
-                        f"per rank on {env.world_size} rank(s); lower batch_size")
+        raise UserError(f"data: {loader.source.num_samples} samples give no full global batch of "
+                        f"{cfg.batch_size} ({env.world_size} rank(s) x {batch_per_rank}); lower batch_size")
     total_steps = cfg.epochs * steps_per_epoch
     image_view = _image_view(cfg) if objective.uses_ssl else None
     eval_set, trigger = _eval_parts(cfg, model.image_size)
@@ -176,7 +177,9 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         if metrics_path.exists():
             metrics_path.unlink()  # a fresh start owns its metrics file
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg) + dump_yaml({RESOLVED_KEY: {
+            "world_size": env.world_size, "batch_size": cfg.batch_size, "batch_size_per_rank": batch_per_rank,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}}))
 
     method = {"name": recipe.name, **recipe.params} if recipe.name else None
     model_name = (init_ckpt or {}).get("model", {}).get("name") if init_ckpt else cfg.model
@@ -241,7 +244,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - t0
 
-        row = {"epoch": epoch, "step": step}
+        row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size, "batch_size_per_rank": batch_per_rank,
+               "world_size": env.world_size}
         row.update({k: v / steps_per_epoch for k, v in sums.items()})
         row.update({"lr": lr, "logit_scale": unwrap(model).logit_scale.exp().item(),
                     "samples_per_s": D.all_reduce_sum_int(n_seen, env, device) / seconds,
@@ -282,8 +286,17 @@ def _build_model(cfg: TrainConfig, device: torch.device):
     return create_model(cfg.model, seed=cfg.seed).to(device), None
 
 
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """``batch_size`` is the global batch (the reference divides its batch by the number of devices,
+    so the paper's 2048 / 1024 are global): each of ``world_size`` ranks takes an equal share."""
+    if global_batch % world_size:
+        raise UserError(f"batch_size={global_batch} is the global batch and does not split evenly over "
+                        f"{world_size} ranks; choose a multiple of {world_size}")
+    return global_batch // world_size
+
+
 def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env: D.DistEnv,
-                 with_text_view: bool):
+                 with_text_view: bool, batch_size: int | None = None):
     from clip_backdoor.data.captions import build_train_loader, make_source
 
     source = make_source(_source_spec(cfg, image_size))
@@ -297,7 +310,8 @@ def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env:
 
         eda = EDA(mode=cfg.objective.eda, seed=cfg.seed, alpha=cfg.objective.eda_alpha)
     return build_train_loader(source, image_size=image_size, context_length=context_length,
-                              batch_size=cfg.batch_size, workers=cfg.data.workers, seed=cfg.seed, eda=eda,
+                              batch_size=batch_size or per_rank_batch(cfg.batch_size, env.world_size),
+                              workers=cfg.data.workers, seed=cfg.seed, eda=eda,
                               rank=env.rank, world_size=env.world_size)
 
 
