@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -53,6 +54,9 @@ def test_pretrain_writes_run_dir_and_learns(pretrained):
     assert saved == {"epoch_1.pt", "epoch_2.pt", "latest.pt"}
     ckpt = torch.load(pretrained / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 8 and ckpt["model"]["name"] == "tiny"
+    # logit_scale is the parameter itself (ln s), scale its exp (the factor on cosine similarities).
+    assert rows[1]["logit_scale"] == pytest.approx(ckpt["state_dict"]["logit_scale"].item())
+    assert rows[1]["scale"] == pytest.approx(math.exp(rows[1]["logit_scale"]))
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
     assert set(ckpt) >= {"epoch", "step", "model", "state_dict", "optimizer", "scheduler", "scaler", "rng",
                          "config"}

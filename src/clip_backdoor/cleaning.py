@@ -136,6 +136,7 @@ class HeavyWeightDecay(CleaningRecipe):
 
 class ShrinkPerturb(CleaningRecipe):
     name = "shrink-perturb"
+    transforms_weights = True  # its epoch 0 is the shrunk model, not the poisoned one
     summary = "θ ← a·θ + b·θ₀ (θ₀ a fresh CLIP init of the same config) once, then CleanCLIP"
     paper = "a = 0.95, b = 1e-4, once before fine-tuning"
     defaults = {"shrink": 0.95, "perturb": 1e-4, "ssl_weight": 1.0, "init_seed": 12345}

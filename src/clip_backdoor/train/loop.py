@@ -57,6 +57,9 @@ class Recipe:
 
     name: str | None = None
     params: dict = {}
+    # True when prepare_model changes the weights (shrink-perturb): epoch 0 is then not the starting
+    # checkpoint, and its metrics row says so (``init: transformed``), so nobody takes it as the baseline.
+    transforms_weights: bool = False
 
     def prepare_model(self, model: torch.nn.Module, ctx: RunContext) -> None:
         """Called once on a fresh start (never on resume), before the optimizer is built."""
@@ -195,7 +198,9 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
 
     # Epoch 0: the starting point of a cleaning run, evaluated before any step.
     if start_epoch == 0 and cfg.eval_at_start:
-        row = {"epoch": 0, "step": 0, "logit_scale": unwrap(model).logit_scale.exp().item()}
+        row = {"epoch": 0, "step": 0, **_scale_fields(unwrap(model))}
+        if recipe.transforms_weights:
+            row["init"] = "transformed"
         row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
@@ -247,12 +252,12 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size, "batch_size_per_rank": batch_per_rank,
                "world_size": env.world_size}
         row.update({k: v / steps_per_epoch for k, v in sums.items()})
-        row.update({"lr": lr, "logit_scale": unwrap(model).logit_scale.exp().item(),
+        row.update({"lr": lr, **_scale_fields(unwrap(model)),
                     "samples_per_s": D.all_reduce_sum_int(n_seen, env, device) / seconds,
                     "seconds": seconds, "n_skipped": D.all_reduce_sum_int(n_skipped, env, device)})
         if row["n_skipped"]:
             log.warning("epoch %d: skipped %d unreadable samples", epoch, row["n_skipped"])
-        if cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
+        if (cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs)) or epoch in cfg.eval.epochs:
             row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
@@ -264,7 +269,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
                     "config": to_dict(cfg)}
-            if cfg.save_every and epoch % cfg.save_every == 0:
+            if (cfg.save_every and epoch % cfg.save_every == 0) or epoch in cfg.save_epochs:
                 save_checkpoint(checkpoint_dir(run_dir) / f"epoch_{epoch}.pt", ckpt)
             save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
         D.barrier(env)
@@ -281,6 +286,9 @@ def _build_model(cfg: TrainConfig, device: torch.device):
     from clip_backdoor.weights import model_from_checkpoint
 
     if cfg.init_checkpoint:
+        if not Path(cfg.init_checkpoint).is_file():
+            raise UserError(f"init_checkpoint {cfg.init_checkpoint}: no such file (the run starts from it; in a "
+                            "study, was that pre-training epoch saved? see pretrain.clean_from)")
         model, ckpt = model_from_checkpoint(cfg.init_checkpoint, device="cpu")
         return model.to(device), ckpt
     return create_model(cfg.model, seed=cfg.seed).to(device), None
@@ -404,6 +412,14 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
         losses[name] = value
         losses["loss"] = losses["loss"] + value
     return losses
+
+
+def _scale_fields(model) -> dict[str, float]:
+    """The temperature, named unambiguously: ``logit_scale`` is the learned parameter (ln s, clamped to
+    [0, ln 100]); ``scale`` is s = exp(logit_scale), the factor on the cosine similarities (open_clip's
+    name). Until this was split, the log called s "logit_scale"."""
+    raw = float(model.logit_scale.detach())
+    return {"logit_scale": raw, "scale": math.exp(raw)}
 
 
 def _average_grads(optimizer: torch.optim.Optimizer, env: D.DistEnv) -> None:
