@@ -351,3 +351,12 @@ def test_shrink_perturb_alone_from_an_intermediate_epoch(tmp_path):
     base = poisoned_models(rows)[(0, "mmcl")]
     assert [base[m] for m in metrics] == [pre_rows[1][m] for m in metrics]
     assert base["source"] == "pretrain epoch 1"
+
+
+def test_a_method_can_have_its_own_cleaning_batch(tmp_path):
+    spec = parse_spec(tiny(cleaning={"methods": ["cleanclip", {"name": "mmcl", "batch_size": 128}],
+                                     "size": 256}))
+    runs = [r for r in expand(spec, tmp_path / "s").runs if r.stage == "clean"]
+    assert {r.method: r.cfg.batch_size for r in runs} == {"cleanclip": 32, "mmcl": 128}
+    assert "cleaning.methods[0].batch_size: 0 is not an integer >= 1" in error_of(
+        tmp_path, tiny(cleaning={"methods": [{"name": "mmcl", "batch_size": 0}]}))
