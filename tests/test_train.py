@@ -204,32 +204,41 @@ def test_deep_clustering_runs_end_to_end(pretrained, tmp_path):
     assert all(r["loss"] == pytest.approx(r["loss_mmcl"] + r["loss_ssl"] + r["loss_cluster"]) for r in rows)
 
 
-def test_deep_clustering_pseudo_labels_are_stable_and_the_head_learns(pretrained, monkeypatch):
+def _clustering_context(pretrained, monkeypatch, n_clusters=6):
+    """A context whose cleaning-set embeddings form ``n_clusters`` separated clusters (a barely
+    trained tiny model's embeddings are nearly collinear)."""
     from clip_backdoor.objectives import Objective
     from clip_backdoor.train.distributed import DistEnv
     from clip_backdoor.train.loop import RunContext, build_loader
+    from clip_backdoor.train.optim import build_optimizer
     from clip_backdoor.weights import model_from_checkpoint
 
     model, _ = model_from_checkpoint(pretrained / "checkpoints" / "latest.pt")
     cfg = cfg_for(pretrained)
     loader = build_loader(cfg, image_size=model.image_size, context_length=model.context_length,
                           env=DistEnv(), with_text_view=False)
-    # Separable embeddings per row (a barely trained tiny model's are nearly collinear).
     g = torch.Generator().manual_seed(0)
-    centers = torch.nn.functional.normalize(torch.randn(6, model.config["embed_dim"], generator=g), dim=-1)
+    centers = torch.nn.functional.normalize(torch.randn(n_clusters, model.config["embed_dim"], generator=g),
+                                            dim=-1)
     row_ids = [str(i) for i in range(loader.source.num_samples)]
     noise = 0.1 * torch.randn(len(row_ids), centers.shape[1], generator=g)
-    feats = torch.nn.functional.normalize(centers[torch.arange(len(row_ids)) % 6] + noise, dim=-1)
+    feats = torch.nn.functional.normalize(centers[torch.arange(len(row_ids)) % n_clusters] + noise, dim=-1)
     monkeypatch.setattr(cleaning, "embed_images", lambda *a: (row_ids, feats))
-
     ctx = RunContext(cfg=cfg, env=DistEnv(), device=torch.device("cpu"), model=model, loader=loader,
-                     objective=Objective(), epoch=1)
-    recipe = cleaning.build_recipe("deep-clustering", {"clusters": 6, "iterations": 10, "head_lr": 0.05})
+                     objective=Objective(), optimizer=build_optimizer(model, lr=1e-3, weight_decay=0.1), epoch=1)
+    return ctx, row_ids, feats, centers
+
+
+def test_deep_clustering_fixed_variant_labels_are_stable_and_the_head_learns(pretrained, monkeypatch):
+    ctx, row_ids, feats, _ = _clustering_context(pretrained, monkeypatch)
+    recipe = cleaning.build_recipe("deep-clustering", {"clusters": 6, "iterations": 10, "head_lr": 0.05,
+                                                       "variant": "fixed"})
     recipe.on_epoch_start(ctx)
     first = dict(recipe.assignment)
     recipe.on_epoch_start(ctx)
     assert recipe.assignment == first
     assert len({(first[r], int(r) % 6) for r in row_ids}) == 6  # recovers the constructed clusters
+    assert len(ctx.optimizer.param_groups) == 2  # its head has its own optimizer
     batch = {"row_ids": row_ids[:64]}
     out = {"image_features": feats[:64]}
     losses = []
@@ -240,6 +249,71 @@ def test_deep_clustering_pseudo_labels_are_stable_and_the_head_learns(pretrained
         recipe.head_opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_deep_clustering_reference_variant(pretrained, monkeypatch):
+    """The reference: the head (N(0, 0.01), bias 0) joins the main optimizer without weight decay, and
+    each step's labels are the nearest centroids of the *current* embeddings."""
+    from clip_backdoor.train.optim import set_lr
+
+    ctx, row_ids, feats, centers = _clustering_context(pretrained, monkeypatch)
+    recipe = cleaning.build_recipe("deep-clustering", {"clusters": 6, "iterations": 10})
+    model_groups = len(ctx.optimizer.param_groups)
+    recipe.on_epoch_start(ctx)
+    head = recipe.head
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.1) and torch.equal(head.bias, torch.zeros(6))
+    group = ctx.optimizer.param_groups[-1]
+    assert len(ctx.optimizer.param_groups) == model_groups + 1 and group["weight_decay"] == 0.0
+    assert group["params"] == list(head.parameters()) and recipe.extra_optimizers() == []
+    set_lr(ctx.optimizer, 3e-4)  # the loop's schedule reaches the head too
+    assert group["lr"] == 3e-4
+    # Labels follow the current embeddings: move images 0..9 onto the centre of cluster 3.
+    batch = {"row_ids": row_ids[:10]}
+    moved = torch.nn.functional.normalize(centers[3].expand(10, -1) + 0.01 * feats[:10], dim=-1)
+    nearest = (moved @ recipe.centroids.T).argmax(dim=1)
+    assert len(set(nearest.tolist())) == 1  # all in one cluster now
+    assert torch.equal(recipe.pseudo_labels(moved, batch, ctx), nearest)
+    fixed = torch.tensor([recipe.assignment[r] for r in batch["row_ids"]])
+    assert not torch.equal(fixed, nearest)  # the per-epoch labels would have said otherwise
+    # The loss is weight x CE(head(embedding), nearest centroid).
+    loss = recipe.extra_losses({"image_features": moved}, batch, ctx)["loss_cluster"]
+    expected = 5.0 * torch.nn.functional.cross_entropy(head(moved), nearest)
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert head.weight.grad is not None and recipe.parameters_outside_model() == list(head.parameters())
+    ctx.optimizer.step()
+    assert ctx.optimizer.state[head.weight]  # the model's optimizer stepped the head
+    # At the epoch's end the head leaves the optimizer: the checkpoint fits a fresh model optimizer.
+    recipe.on_epoch_end(ctx)
+    assert len(ctx.optimizer.param_groups) == model_groups and head.weight not in ctx.optimizer.state
+    from clip_backdoor.train.optim import build_optimizer
+
+    build_optimizer(ctx.model, lr=1e-3, weight_decay=0.1).load_state_dict(ctx.optimizer.state_dict())
+
+
+def test_deep_clustering_resume_is_exact(pretrained, tmp_path):
+    class KilledClustering(cleaning.DeepClustering):
+        def on_epoch_start(self, ctx):
+            if ctx.epoch == 2:
+                raise KeyboardInterrupt
+            super().on_epoch_start(ctx)
+
+    params = {"clusters": 4, "iterations": 3}
+    ckpt = str(pretrained / "checkpoints" / "latest.pt")
+
+    def cfg(run):
+        base = cfg_for(tmp_path / run, "epochs=2", "eval.every=0", f"init_checkpoint={ckpt}")
+        return cleaning.build_recipe("deep-clustering", params).apply_to_config(base)
+
+    train(cfg("full"), cleaning.build_recipe("deep-clustering", params))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("cut"), KilledClustering(**params))
+    train(cfg("cut"), cleaning.build_recipe("deep-clustering", params))
+    assert comparable(metrics(tmp_path / "full")) == comparable(metrics(tmp_path / "cut"))
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert len(a["optimizer"]["param_groups"]) == 2  # no head group left in the checkpoint
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):

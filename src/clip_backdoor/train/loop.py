@@ -47,6 +47,7 @@ class RunContext:
     model: torch.nn.Module  # possibly DDP-wrapped; use unwrap(model) for the bare CLIP
     loader: Any
     objective: Objective
+    optimizer: torch.optim.Optimizer | None = None  # the model's (a recipe may add a param group to it)
     epoch: int = 0
     step: int = 0
     extra: dict = field(default_factory=dict)
@@ -67,12 +68,21 @@ class Recipe:
     def on_epoch_start(self, ctx: RunContext) -> None:
         """Called before each training epoch (e.g. recompute pseudo-labels)."""
 
+    def on_epoch_end(self, ctx: RunContext) -> None:
+        """Called after each training epoch, before evaluation and the checkpoint (e.g. to take a
+        per-epoch param group out of the optimizer, so the checkpoint's optimizer fits a fresh one)."""
+
     def extra_losses(self, outputs: dict, batch: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Additional weighted loss terms, {name: tensor}; summed into the loss and logged."""
         return {}
 
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         """Optimizers of the recipe's own parameters (e.g. a clustering head), stepped with the model's."""
+        return []
+
+    def parameters_outside_model(self) -> list[torch.nn.Parameter]:
+        """Recipe parameters stepped by the model's optimizer but not inside the (DDP-wrapped) model:
+        the loop averages their gradients over ranks by hand."""
         return []
 
     def state_dict(self) -> dict:
@@ -158,6 +168,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     o = cfg.optim
     optimizer = build_optimizer(unwrap(model), lr=o.lr, weight_decay=o.weight_decay,
                                 betas=(o.beta1, o.beta2), eps=o.eps)
+    ctx.optimizer = optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     if resume_ckpt is None and init_ckpt is not None and cfg.optimizer_state == "inherit":
         _inherit_optimizer(optimizer, init_ckpt, o.weight_decay)
@@ -231,12 +242,13 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             for opt in [optimizer, *extra_opts]:
                 opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            _average_grads(recipe.parameters_outside_model(), env)  # DDP does not see them
             if o.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             scaler.step(optimizer)
             for opt in extra_opts:  # not DDP-wrapped: average their gradients by hand
-                _average_grads(opt, env)
+                _average_grads([p for g in opt.param_groups for p in g["params"]], env)
                 scaler.step(opt)
             scaler.update()
             unwrap(model).clamp_logit_scale()
@@ -248,10 +260,13 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             if env.is_main and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - t0
+        recipe.on_epoch_end(ctx)
 
         row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size, "batch_size_per_rank": batch_per_rank,
                "world_size": env.world_size}
-        row.update({k: v / steps_per_epoch for k, v in sums.items()})
+        # Averaged over ranks: gathered terms are equal on every rank; a recipe's local term (e.g. the
+        # clustering loss on each rank's slice) becomes its global-batch mean.
+        row.update({k: D.all_reduce_mean(v, env, device) / steps_per_epoch for k, v in sums.items()})
         row.update({"lr": lr, **_scale_fields(unwrap(model)),
                     "samples_per_s": D.all_reduce_sum_int(n_seen, env, device) / seconds,
                     "seconds": seconds, "n_skipped": D.all_reduce_sum_int(n_skipped, env, device)})
@@ -422,16 +437,15 @@ def _scale_fields(model) -> dict[str, float]:
     return {"logit_scale": raw, "scale": math.exp(raw)}
 
 
-def _average_grads(optimizer: torch.optim.Optimizer, env: D.DistEnv) -> None:
+def _average_grads(params: list[torch.nn.Parameter], env: D.DistEnv) -> None:
     if not env.enabled:
         return
     import torch.distributed as dist
 
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(env.world_size)
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(env.world_size)
 
 
 def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
