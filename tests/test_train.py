@@ -369,3 +369,39 @@ def test_config_yaml_records_the_launch_and_loads_again(tmp_path):
     assert again.batch_size == 64
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert (row["batch_size"], row["batch_size_per_rank"], row["world_size"]) == (64, 64, 1)
+
+
+def test_resume_with_other_epochs_is_an_explicit_choice(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tmp_path / "r", "epochs=3", "eval.every=0"), KilledAt(2))
+    with pytest.raises(UserError, match=r"epochs: the checkpoint .*latest.pt was trained for epochs=3, this run "
+                                        r"asks for 5, which changes the cosine schedule"):
+        train(cfg_for(tmp_path / "r", "epochs=5", "eval.every=0"))
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), "--epochs", "5", "eval.every=0", *SMALL]) == 2
+    row = train(cfg_for(tmp_path / "r", "epochs=5", "eval.every=0", "allow_epochs_change=true"))
+    assert row["epoch"] == 5 and row["step"] == 20
+
+
+def test_cleaning_draws_its_own_views_not_the_pretraining_ones(pretrained):
+    """Same training seed and row ids: a cleaning run's EDA captions and image draws are fresh."""
+    from clip_backdoor.train.distributed import DistEnv
+    from clip_backdoor.train.loop import build_loader, step_seed, view_seed
+
+    ckpt = str(pretrained / "checkpoints" / "latest.pt")
+    pre = cfg_for(pretrained, "objective.ssl_weight=1")
+    clean = cfg_for(pretrained, "objective.ssl_weight=1", f"init_checkpoint={ckpt}")
+    assert view_seed(pre) == pre.seed and view_seed(clean) != pre.seed
+    assert view_seed(clean) == view_seed(cfg_for(pretrained, f"init_checkpoint={ckpt}", "optim.lr=1"))
+    assert step_seed(view_seed(pre), 0) != step_seed(view_seed(clean), 0)
+
+    def augmented_texts(cfg):
+        loader = build_loader(cfg, image_size=32, context_length=16, env=DistEnv(), with_text_view=True)
+        loader.set_epoch(1)
+        batch = next(iter(loader))
+        return dict(zip(batch["row_ids"], batch["texts_aug"], strict=True))
+
+    a, b = augmented_texts(pre), augmented_texts(clean)
+    same_rows = sorted(set(a) & set(b))
+    assert same_rows
+    differ = sum(not torch.equal(a[r], b[r]) for r in same_rows)
+    assert differ > len(same_rows) // 4, (differ, len(same_rows))

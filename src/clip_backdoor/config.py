@@ -102,6 +102,9 @@ class TrainConfig:
     save_every: int = 1  # also keep checkpoints/epoch_N.pt every K epochs (0 = latest.pt only)
     save_epochs: list = field(default_factory=list)  # ... and after each of these epochs (e.g. to clean from)
     resume: bool = True  # continue from run_dir/checkpoints/latest.pt when present
+    # Resuming with another `epochs` changes the cosine schedule of the remaining steps: an error
+    # unless this is set (the schedule of the new count is then used from the resume point on).
+    allow_epochs_change: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -55,7 +55,8 @@ RESULT_COLUMNS = COLUMNS  # one schema, defined beside the code that reads it
 METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):-1]
 FINISHED = "finished.json"
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
-VOLATILE_KEYS = ("threads", "device", "resume", "data.workers", "eval.workers", "eval.batch_size")
+VOLATILE_KEYS = ("threads", "device", "resume", "allow_epochs_change", "data.workers", "eval.workers",
+                 "eval.batch_size")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ epochs k+1.. exactly like an uninterrupted run (same thread count).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import sys
@@ -102,6 +103,16 @@ def resolve_device(name: str, env: D.DistEnv) -> torch.device:
     return torch.device(name)
 
 
+def view_seed(cfg: TrainConfig) -> int:
+    """The seed of a run's SSL views (EDA captions, image AutoAugment draws). A cleaning run (one that
+    starts from a checkpoint) draws its own fresh views, not a replay of its pre-training's, which has
+    the same training seed; pre-training keeps ``seed`` itself."""
+    if not cfg.init_checkpoint:
+        return cfg.seed
+    digest = hashlib.blake2b(f"clean-views|{cfg.seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """Seed of the image views drawn at a global step on a rank: a pure function, so resume
     replays it, and ranks differ (the same seed would give every rank the same sub-policy draws)."""
@@ -134,6 +145,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         from clip_backdoor.weights import load_checkpoint
 
         resume_ckpt = load_checkpoint(latest)
+        _check_epochs_unchanged(resume_ckpt, cfg, latest)
         if resume_ckpt["epoch"] >= cfg.epochs:
             lines = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
             log.info("%s is finished (epoch %d of %d); nothing to do", run_dir, resume_ckpt["epoch"],
@@ -331,7 +343,7 @@ def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env:
     if with_text_view:
         from clip_backdoor.data.augment import EDA
 
-        eda = EDA(mode=cfg.objective.eda, seed=cfg.seed, alpha=cfg.objective.eda_alpha)
+        eda = EDA(mode=cfg.objective.eda, seed=view_seed(cfg), alpha=cfg.objective.eda_alpha)
     return build_train_loader(source, image_size=image_size, context_length=context_length,
                               batch_size=batch_size or per_rank_batch(cfg.batch_size, env.world_size),
                               workers=cfg.data.workers, seed=cfg.seed, eda=eda,
@@ -410,7 +422,7 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     n = images.shape[0]
     if objective.uses_ssl:
         # Originals and augmented views go through the model in one forward pass.
-        views = image_view(images, generator=step_seed(ctx.cfg.seed, ctx.step, ctx.env.rank))
+        views = image_view(images, generator=step_seed(view_seed(ctx.cfg), ctx.step, ctx.env.rank))
         images = torch.cat([images, views])
         texts = torch.cat([texts, batch["texts_aug"].to(device, non_blocking=True)])
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
@@ -464,9 +476,22 @@ def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
                     "is NOT applied (this is the reference code's behaviour)", inherited, requested_wd)
 
 
+def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    """``epochs`` fixes the cosine schedule: resuming under another count would train the remaining
+    steps on a schedule neither run had, so it takes an explicit ``allow_epochs_change=true``."""
+    before = (ckpt.get("config") or {}).get("epochs")
+    if before is None or before == cfg.epochs or cfg.allow_epochs_change:
+        return
+    if ckpt["epoch"] >= cfg.epochs:  # already past the new end: reported as finished, nothing trains
+        return
+    raise UserError(f"epochs: the checkpoint {path} was trained for epochs={before}, this run asks for "
+                    f"{cfg.epochs}, which changes the cosine schedule of the remaining steps; rerun with "
+                    f"epochs={before}, start over (resume=false / --no-resume), or set allow_epochs_change=true")
+
+
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
     for key in sorted(set(old) | set(new)):
-        if key in ("resume", "epochs"):
+        if key in ("resume", "epochs", "allow_epochs_change"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
