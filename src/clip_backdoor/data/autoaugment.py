@@ -195,17 +195,16 @@ def _affine_inverse(center: tuple[float, float], shear_deg: tuple[float, float],
                     translate: tuple[int, int]) -> tuple[float, ...]:
     """The output -> input matrix ``F.affine`` gives PIL (no rotation, scale 1).
 
-    Forward map: x' = C T S C^-1 x with S = SHy(sy) SHx(sx), the rotation-free case of torchvision's
-    RotateScaleShear; its linear part has determinant 1, so the inverse is its adjugate.
+    torchvision's forward map is T C S C^-1 with S = SHy(sy) SHx(sx) its RotateScaleShear at angle 0;
+    S has determinant 1, so its inverse is its adjugate. Same floating-point operations as torchvision.
     """
     sx, sy = math.radians(shear_deg[0]), math.radians(shear_deg[1])
     cx, cy = center
     tx, ty = translate
-    # forward linear part [[a, b], [c, d]] at rotation 0
-    a = math.cos(-sy) / math.cos(sy)
-    b = -math.cos(-sy) * math.tan(sx) / math.cos(sy) - math.sin(0.0)
+    a = math.cos(-sy) / math.cos(sy)  # S = [[a, b], [c, d]]
+    b = -math.cos(-sy) * math.tan(sx) / math.cos(sy)
     c = math.sin(-sy) / math.cos(sy)
-    d = -math.sin(-sy) * math.tan(sx) / math.cos(sy) + math.cos(0.0)
+    d = -math.sin(-sy) * math.tan(sx) / math.cos(sy) + 1.0
     m = [d, -b, 0.0, -c, a, 0.0]
     m[2] += m[0] * (-cx - tx) + m[1] * (-cy - ty) + cx
     m[5] += m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy
