@@ -63,27 +63,59 @@ def test_loss_decreases_over_more_epochs(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-class KilledAt(Recipe):
-    """Simulates the process being killed when epoch ``epoch`` starts."""
+class Recorder(Recipe):
+    """Records the epochs a run starts and the global step of every training step it takes."""
 
-    def __init__(self, epoch):
-        self.epoch = epoch
+    def __init__(self):
+        self.epochs, self.steps = [], []
 
     def on_epoch_start(self, ctx):
-        if ctx.epoch == self.epoch:
+        self.epochs.append(ctx.epoch)
+
+    def extra_losses(self, outputs, batch, ctx):
+        self.steps.append(ctx.step)
+        return {}
+
+
+def kill_when_checkpointing(monkeypatch, epoch):
+    """Simulates the process being killed after epoch ``epoch``'s metrics line is written, while its
+    checkpoint is being saved (any torch.save of that epoch's checkpoint dies)."""
+    real_save = torch.save
+
+    def save(obj, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == epoch and "optimizer" in obj:
             raise KeyboardInterrupt
+        return real_save(obj, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
 
 
-def test_resume_is_exact(tmp_path):
-    train(cfg_for(tmp_path / "full", "epochs=3", "objective.ssl_weight=1"))
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(tmp_path / "cut", "epochs=3", "objective.ssl_weight=1"), KilledAt(2))
-    assert [r["epoch"] for r in metrics(tmp_path / "cut")] == [1]
-    train(cfg_for(tmp_path / "cut", "epochs=3", "objective.ssl_weight=1"))  # resumed
-    assert comparable(metrics(tmp_path / "full")) == comparable(metrics(tmp_path / "cut"))
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_resume_is_exact(tmp_path, monkeypatch, caplog):
+    args = ("epochs=3", "objective.ssl_weight=1", "data.num_samples=128", "batch_size=32", "eval.n=20",
+            "eval.every=3")
+    full = Recorder()
+    train(cfg_for(tmp_path / "full", *args), full)
+    assert full.epochs == [1, 2, 3] and full.steps == list(range(12))
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        kill_when_checkpointing(m, epoch=2)
+        train(cfg_for(cut, *args))
+    # Epoch 2 was logged but never checkpointed: its line must go, and training resumes after epoch 1.
+    assert [r["epoch"] for r in metrics(cut)] == [1, 2]
+    assert load_checkpoint(cut / "checkpoints" / "latest.pt")["epoch"] == 1
+
+    resumed = Recorder()
+    with caplog.at_level(logging.INFO, logger="clip_backdoor.train.loop"):
+        train(cfg_for(cut, *args), resumed)
+    assert f"resuming {cut} from epoch 1 (step 4)" in caplog.text
+    assert resumed.epochs == [2, 3] and resumed.steps == list(range(4, 12))  # nothing of epoch 1 redone
+    assert [r["epoch"] for r in metrics(cut)] == [1, 2, 3]
+    assert comparable(metrics(tmp_path / "full")) == comparable(metrics(cut))
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(cut / "checkpoints" / "latest.pt")
+    assert a["step"] == b["step"] == 12
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
 def test_resume_of_finished_run_says_so(pretrained, caplog):
