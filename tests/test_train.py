@@ -1,5 +1,6 @@
 """The one training loop: learning, exact resume, cleaning from a checkpoint, failure modes, DDP."""
 
+import copy
 import json
 import logging
 
@@ -167,19 +168,46 @@ def test_clean_mmcl_only_has_no_ssl_term(pretrained, tmp_path):
     assert "loss_ssl" not in metrics(tmp_path / "c")[-1]
 
 
-def test_optimizer_state_inherit_keeps_the_old_weight_decay(pretrained, tmp_path, caplog):
+def first_step_state(monkeypatch):
+    """The optimizer state the loop hands to its first AdamW step (filled in when that step runs)."""
+    seen = {}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        if not seen:
+            seen.update(copy.deepcopy(self.state_dict()))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def test_optimizer_state_inherit_keeps_the_adam_moments_and_weight_decay(pretrained, tmp_path, monkeypatch,
+                                                                          caplog):
     ckpt = str(pretrained / "checkpoints" / "latest.pt")
+    old = load_checkpoint(ckpt)["optimizer"]
+    assert old["state"] and all(s["step"].item() == 8 for s in old["state"].values())
+    argv = ["clean", "--checkpoint", ckpt, "--method", "mmcl", "--epochs", "1", "optim.weight_decay=5",
+            "eval.every=0", "eval_at_start=false", *SMALL]
+    seen = first_step_state(monkeypatch)
     with caplog.at_level(logging.WARNING):
-        assert cli(["clean", "--checkpoint", ckpt, "--method", "mmcl", "--optimizer-state", "inherit",
-                    "--run-dir", str(tmp_path / "i"), "--epochs", "1", "optim.weight_decay=5", "eval.every=0",
-                    *SMALL]) == 0
+        assert cli([*argv, "--optimizer-state", "inherit", "--run-dir", str(tmp_path / "i")]) == 0
     assert "is NOT applied" in caplog.text
+    # The first step sees the checkpoint's step count and moment tensors, exactly.
+    assert seen["state"].keys() == old["state"].keys()
+    for index, moments in old["state"].items():
+        assert seen["state"][index]["step"].item() == 8
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(seen["state"][index][name], moments[name]), (index, name)
     saved = load_checkpoint(tmp_path / "i" / "checkpoints" / "latest.pt")["optimizer"]
+    assert all(s["step"].item() == 8 + 4 for s in saved["state"].values())  # counting on from the old step
     assert sorted(g["weight_decay"] for g in saved["param_groups"]) == [0.0, 0.1]
 
-    assert cli(["clean", "--checkpoint", ckpt, "--method", "mmcl", "--run-dir", str(tmp_path / "f"),
-                "--epochs", "1", "optim.weight_decay=5", "eval.every=0", *SMALL]) == 0
+    seen.clear()
+    assert cli([*argv, "--run-dir", str(tmp_path / "f")]) == 0  # fresh (the default): no moments at all
+    assert seen["state"] == {}
     saved = load_checkpoint(tmp_path / "f" / "checkpoints" / "latest.pt")["optimizer"]
+    assert all(s["step"].item() == 4 for s in saved["state"].values())
     assert sorted(g["weight_decay"] for g in saved["param_groups"]) == [0.0, 5.0]
 
 
