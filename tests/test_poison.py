@@ -272,7 +272,8 @@ def test_csv_source_clean_images_are_copied_byte_for_byte(csv_dataset, tmp_path)
             clean = squash(Image.open(original), 16)
             changed = (stored != clean).any(dim=0)
             assert 0 < changed.sum() <= 9  # a 3x3 patch, nothing else touched
-            assert torch.equal(stored, apply_trigger_uint8(clean, trigger, torch.Generator().manual_seed(r.seed)))
+            expected = apply_trigger_uint8(clean, trigger, torch.Generator().manual_seed(r.seed))
+            assert torch.equal(stored, expected)
         else:
             assert (out / line["image"]).read_bytes() == original.read_bytes()
 
@@ -323,7 +324,8 @@ def test_wds_round_trip(tmp_path):
     assert run(["--source-kind", "wds", "--source", shards.entry, "--image-size", str(SIZE), "--n", "6",
                 "--format", "manifest", "--out", str(manifest_only)]) == 0
     images = {s.row_id: to_tensor_uint8(s.image) for s in read_back}
-    assert_on_the_fly_matches_written(WdsSource(shards.entry, shuffle=False), manifest_only, out, images, SIZE)
+    assert_on_the_fly_matches_written(WdsSource(shards.entry, shuffle=False), manifest_only, out, images,
+                                      SIZE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,13 +3,16 @@
 import copy
 import json
 import logging
+from collections import Counter
 
 import pytest
 import torch
 
+from _train_helpers import CORRUPT, MISSING, counting_load, write_bad_csv
 from clip_backdoor import cleaning
 from clip_backdoor.cli import main as cli
 from clip_backdoor.config import TrainConfig, load_config
+from clip_backdoor.data.captions import CsvSource
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import read_jsonl
 from clip_backdoor.train.loop import Recipe, train
@@ -295,6 +298,24 @@ def test_deep_clustering_pseudo_labels_are_stable_and_the_head_learns(pretrained
         recipe.head_opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bad_rows_are_counted_per_epoch_and_logged_five_times(tmp_path, monkeypatch, caplog):
+    path = write_bad_csv(tmp_path / "data")
+    reads = Counter()
+    monkeypatch.setattr(CsvSource, "load", counting_load(reads))
+    with caplog.at_level(logging.WARNING):
+        train(cfg_for(tmp_path / "r", "epochs=2", "data.kind=csv", f"data.path={path}", "batch_size=16",
+                      "eval.every=0", "save_every=0"))
+    rows = metrics(tmp_path / "r")
+    # 4 batches of 16 read all 64 rows once an epoch, so every bad row is seen, plus the bad rows drawn
+    # as replacements.
+    assert [r["n_skipped"] for r in rows] == [reads[1], reads[2]]
+    assert all(r["n_skipped"] >= len(MISSING) + len(CORRUPT) for r in rows)
+    named = [r for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert len(named) == 5  # of the 20-odd skips in this process
+    assert caplog.text.count("further unusable rows in this process are counted, not logged") == 1
+    assert f"epoch 2: skipped {rows[1]['n_skipped']} unreadable samples" in caplog.text
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
