@@ -345,6 +345,16 @@ def test_batch_wide_mode_also_augments(view):
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
 
 
+def test_the_view_of_a_batch_changes_most_images_visibly():
+    # Only (1 - p1)(1 - p2) of the images, 15% on average over the policy, escape both operations.
+    view = ImageView("imagenet")
+    x = structured_images(16, 32)
+    changes = torch.cat([(view(x, generator=seed) - x).abs().flatten(1).mean(1) for seed in range(8)])
+    changed = changes > 1 / 255
+    assert changed.float().mean() > 0.6, changed.float().mean()
+    assert changes[changed].mean() > 0.03  # not a rounding-level change: ~0.13 of the [0, 1] range
+
+
 def test_rejects_uint8(view):
     with pytest.raises(ValueError, match="float"):
         view(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
