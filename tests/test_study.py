@@ -306,6 +306,20 @@ def test_devices_reach_the_worker_runs(tmp_path, caplog):
     assert "pretrain/mmcl,seed=0: device 'cuda:0' requested but CUDA is not available" in caplog.text
 
 
+def test_each_worker_gets_its_own_device(tmp_path, monkeypatch):
+    """--devices a,b: two runs held at once by two workers get the two devices (the devices are fake:
+    training is replaced by a note of the device each run was handed)."""
+    from _study_helpers import DEVICE_FILE, execute_noting_the_device
+
+    monkeypatch.setattr(runner, "execute", execute_noting_the_device)
+    path = write_study(tmp_path, tiny(seeds=[0, 1]))
+    assert cli(["study", "run", str(path), "--out", str(tmp_path / "s"), "--devices", "cuda:0,cuda:1",
+                "--only", "pretrain"]) == 0
+    devices = {run: (tmp_path / "s" / "pretrain" / run / DEVICE_FILE).read_text()
+               for run in ("mmcl,seed=0", "mmcl,seed=1")}
+    assert sorted(devices.values()) == ["cuda:0", "cuda:1"], devices
+
+
 def test_list_takes_overrides_after_options(tmp_path, capsys):
     path = write_study(tmp_path, tiny())
     assert cli(["study", "list", str(path), "--out", str(tmp_path / "o"), "seeds=[0,7]"]) == 0
