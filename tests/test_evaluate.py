@@ -89,7 +89,16 @@ def test_asr_is_not_the_reference_accuracy_under_trigger():
 def test_image_seed_is_mixed_in_its_low_bits():
     seeds = {image_seed(s, i) & 0xFFFFFFFF for s in range(4) for i in range(256)}
     assert len(seeds) == 4 * 256  # torch's CPU generator uses only the low 32 bits
-    assert image_seed(0, 5) == image_seed(0, 5)
+
+
+def test_image_seed_is_splitmix64():
+    # splitmix64 seeded with 0 outputs mix(k * golden) as its k-th number: e220a8397b1dcdaf,
+    # 6e789e6aa1b965f4, 06c45d188009454f (the published sequence); image_seed mixes seed * golden +
+    # index + 1, so these indices put it on those states.
+    golden, mask = 0x9E3779B97F4A7C15, 2**64 - 1
+    published = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert [image_seed(0, (k * golden - 1) & mask) for k in (1, 2, 3)] == published
+    assert [image_seed(k, -1) for k in (1, 2, 3)] == published
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,7 +80,11 @@ def csv_dataset(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def test_derived_seeds_are_stable_and_distinct():
-    assert P.derive_seed(0, "trigger", "17") == P.derive_seed(0, "trigger", "17")
+    # Pinned: a manifest's rows were chosen, captioned and triggered with these seeds, so they must not
+    # change between processes (no str hash()) or versions.
+    assert P.derive_seed(0, "trigger", "17") == 9110843459983170463
+    assert P.derive_seed(3, "select", "0") == 8008697182029135205
+    assert P.derive_seed(1, "caption", "train/row 5") == 5867793393135988980
     keys = ("1", "17", "171")
     seeds = {P.derive_seed(s, p, k) for s in (0, 1) for p in ("trigger", "select") for k in keys}
     assert len(seeds) == 12
