@@ -106,7 +106,30 @@ def _worker(rank, ports, tmp):
     from clip_backdoor import cleaning
 
     train(*_clustering(f"{tmp}/dc-ddp", f"{tmp}/ddp/checkpoints/latest.pt", cleaning))
-    torch.save({"steps": steps_of_first, "evaluated": evaluated, "reads": dict(reads), "named": named.count},
+
+    # A non-finite loss on rank 1 alone: both ranks stop at that step (none waits in an all-reduce).
+    os.environ["MASTER_PORT"] = str(ports[3])
+    from clip_backdoor.errors import UserError
+    from clip_backdoor.objectives import Objective
+
+    real_call = Objective.__call__
+
+    def nan_on_rank_one(self, **kw):
+        out = real_call(self, **kw)
+        if rank == 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    Objective.__call__ = nan_on_rank_one
+    try:
+        train(_config(f"{tmp}/nan", f"{tmp}/vit-tiny.json", batch_size=32))
+        stopped = None
+    except UserError as e:
+        stopped = str(e)
+    finally:
+        Objective.__call__ = real_call
+    torch.save({"steps": steps_of_first, "stopped": stopped, "evaluated": evaluated, "reads": dict(reads),
+                "named": named.count},
                f"{tmp}/rank{rank}.pt")
 
 
@@ -117,7 +140,7 @@ def _free_port():
 
 
 def _run_two_ranks(tmp_path):
-    ports = (_free_port(), _free_port(), _free_port())
+    ports = tuple(_free_port() for _ in range(4))
     context = mp.start_processes(_worker, args=(ports, str(tmp_path)), nprocs=2,
                                  join=False, start_method="spawn")
     try:
@@ -230,3 +253,9 @@ def test_skips_are_summed_over_ranks_and_each_rank_names_five(two_ranks):
     assert all(per_rank[0].get(e) and per_rank[1].get(e) for e in (1, 2))  # both ranks read bad rows
     assert [r["n_skipped"] for r in rows] == [per_rank[0][e] + per_rank[1][e] for e in (1, 2)]
     assert [r["named"] for r in ranks] == [5, 5]
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(two_ranks):
+    _, ranks = two_ranks
+    assert ranks[1]["stopped"].startswith("loss became nan at step 0 (epoch 1)")
+    assert ranks[0]["stopped"].startswith("another rank's loss became non-finite at step 0 (epoch 1)")

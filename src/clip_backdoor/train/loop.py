@@ -246,10 +246,12 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             losses = _forward_losses(model, batch, objective, image_view, recipe, ctx, device,
                                      autocast_dtype)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
+            bad_here = not torch.isfinite(loss)
+            if D.any_rank(bad_here, env, device):  # every rank stops together, none waits in DDP
                 good = latest if latest.exists() else None
-                raise UserError(f"loss became {loss.item()} at step {step} (epoch {epoch}); run stopped, "
-                                f"last good checkpoint: {good or 'none yet'}")
+                what = f"loss became {loss.item()}" if bad_here else "another rank's loss became non-finite"
+                raise UserError(f"{what} at step {step} (epoch {epoch}); run stopped, last good checkpoint: "
+                                f"{good or 'none yet'}")
             extra_opts = recipe.extra_optimizers()
             for opt in [optimizer, *extra_opts]:
                 opt.zero_grad(set_to_none=True)
