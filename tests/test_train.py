@@ -269,3 +269,12 @@ def test_resolved_config_is_saved(pretrained):
     saved = yaml.safe_load((pretrained / "config.yaml").read_text())
     assert saved["epochs"] == 2 and saved["data"]["num_samples"] == 256
     json.dumps(saved)  # plain data only
+
+
+@pytest.mark.parametrize("override, key", [("optim.lr=-1e-3", "optim.lr"), ("optim.beta2=1", "optim.beta2"),
+                                           ("optim.warmup_steps=-5", "optim.warmup_steps"),
+                                           ("batch_size=0", "batch_size")])
+def test_a_bad_number_is_one_line_naming_its_key(tmp_path, capsys, override, key):
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), *SMALL, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{key}: " in err, err

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clip_backdoor.config import TrainConfig, dump_yaml, to_dict
+from clip_backdoor.config import TrainConfig, check_bounds, dump_yaml, to_dict
 from clip_backdoor.data.transforms import normalize
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_jsonl
@@ -98,6 +98,7 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     """Run (or resume, or report finished) one training run; returns the last metrics line."""
     recipe = recipe or Recipe()
+    check_bounds(cfg)  # configs built in code (study, recipes, API users) pass the loader's checks too
     run_dir = Path(cfg.run_dir)
 
     # 1. Processes and device --------------------------------------------------------------
@@ -111,8 +112,6 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         raise UserError(f"precision {cfg.precision!r}: choose fp32, bf16 or fp16")
     if cfg.optimizer_state not in ("fresh", "inherit"):
         raise UserError(f"optimizer_state {cfg.optimizer_state!r}: choose fresh or inherit")
-    if cfg.epochs < 1:
-        raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
 
     # A finished run is reported, not retrained.
     latest = latest_path(run_dir)
