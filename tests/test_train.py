@@ -2,10 +2,17 @@
 
 import json
 import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import clip_backdoor
 from clip_backdoor import cleaning
 from clip_backdoor.cli import main as cli
 from clip_backdoor.config import TrainConfig, load_config
@@ -74,16 +81,121 @@ class KilledAt(Recipe):
             raise KeyboardInterrupt
 
 
-def test_resume_is_exact(tmp_path):
-    train(cfg_for(tmp_path / "full", "epochs=3", "objective.ssl_weight=1"))
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(tmp_path / "cut", "epochs=3", "objective.ssl_weight=1"), KilledAt(2))
-    assert [r["epoch"] for r in metrics(tmp_path / "cut")] == [1]
-    train(cfg_for(tmp_path / "cut", "epochs=3", "objective.ssl_weight=1"))  # resumed
-    assert comparable(metrics(tmp_path / "full")) == comparable(metrics(tmp_path / "cut"))
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["state_dict"]
+RESUMED = ["epochs=3", "objective.ssl_weight=1"]  # the resume tests' run (SSL: augmentations replay too)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("full") / "run"
+    train(cfg_for(run, *RESUMED))
+    return run
+
+
+def assert_same_run(a_dir, b_dir):
+    assert comparable(metrics(a_dir)) == comparable(metrics(b_dir))
+    a = load_checkpoint(a_dir / "checkpoints" / "latest.pt")["state_dict"]
+    b = load_checkpoint(b_dir / "checkpoints" / "latest.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact(tmp_path, uninterrupted):
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tmp_path / "cut", *RESUMED), KilledAt(2))
+    assert [r["epoch"] for r in metrics(tmp_path / "cut")] == [1]
+    train(cfg_for(tmp_path / "cut", *RESUMED))  # resumed
+    assert_same_run(uninterrupted, tmp_path / "cut")
+
+
+# A child process running a tiny pretrain through the CLI. With --slow-save every checkpoint is
+# written in 20 pieces over ~0.4 s, so the parent can kill it while it is inside torch.save.
+CHILD = """
+import io, sys, time
+import torch
+if sys.argv[1] == "--slow-save":
+    real_save = torch.save
+    def slow_save(obj, path):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        data = buffer.getvalue()
+        with open(path, "wb") as f:
+            for i in range(20):
+                f.write(data[i * len(data) // 20:(i + 1) * len(data) // 20])
+                f.flush()
+                time.sleep(0.02)
+    torch.save = slow_save
+from clip_backdoor.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def start_child(run_dir, *overrides, slow_save=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(clip_backdoor.__file__).resolve().parents[1])}
+    argv = [sys.executable, "-c", CHILD, "--slow-save" if slow_save else "--plain", "pretrain",
+            f"run_dir={run_dir}", *SMALL, *overrides]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("child did not get there in time")
+        time.sleep(0.005)
+
+
+def temp_files(run_dir):
+    return [p for d in (run_dir, run_dir / "checkpoints") if d.is_dir() for p in d.iterdir()
+            if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_kill_during_a_checkpoint_write_then_resume_is_exact_and_leaves_no_temp_file(tmp_path, seed):
+    rng = random.Random(seed)
+    target = rng.randint(1, 3)  # which of epoch_1, latest (1), epoch_2 to interrupt
+    delay = rng.uniform(0.0, 0.3)  # how far into that ~0.4 s write
+    run = ["epochs=2", "eval.every=0"]  # MMCL, no eval: test_resume_is_exact covers the SSL views and eval
+    cut = tmp_path / "cut"
+    proc = start_child(cut, *run, slow_save=True)
+    seen: set[str] = set()
+
+    def writes_started():
+        seen.update(p.name for p in temp_files(cut))
+        return len(seen) >= target
+
+    wait_for(writes_started, proc)
+    time.sleep(delay)
+    proc.kill()  # SIGKILL: no handler, no finally
+    proc.communicate()
+    assert temp_files(cut), "the kill should land inside the checkpoint write"
+
+    train(cfg_for(cut, *run))  # resumed in this process
+    assert temp_files(cut) == []
+    train(cfg_for(tmp_path / "full", *run))
+    assert_same_run(tmp_path / "full", cut)
+
+
+def test_start_and_resume_clear_only_dead_writers_temp_files(pretrained, tmp_path):
+    from clip_backdoor import fileio
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = fileio.host_id()
+    stale = pretrained / "checkpoints" / f".latest.pt.{done.pid}@{host}.abcd1234.tmp"
+    writing = pretrained / "checkpoints" / f".epoch_2.pt.{live.pid}@{host}.abcd1234.tmp"
+    try:
+        stale.write_bytes(b"half a checkpoint")
+        writing.write_bytes(b"being written")
+        train(cfg_for(pretrained, "epochs=2"))  # finished: reported, and its dead writer's temp file gone
+        assert not stale.exists() and writing.exists()
+    finally:
+        live.kill()
+        live.wait()
+        writing.unlink(missing_ok=True)
 
 
 def test_resume_of_finished_run_says_so(pretrained, caplog):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from clip_backdoor.config import TrainConfig, check_bounds, dump_yaml, to_dict
 from clip_backdoor.data.transforms import normalize
 from clip_backdoor.errors import UserError
-from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_jsonl
+from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps, write_jsonl
 from clip_backdoor.objectives import Objective
 from clip_backdoor.train import distributed as D
 from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, save_checkpoint, unwrap
@@ -112,6 +112,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         raise UserError(f"precision {cfg.precision!r}: choose fp32, bf16 or fp16")
     if cfg.optimizer_state not in ("fresh", "inherit"):
         raise UserError(f"optimizer_state {cfg.optimizer_state!r}: choose fresh or inherit")
+    if env.is_main:  # what a killed run of this directory left half-written (never a live writer's)
+        remove_stale_temps(run_dir, checkpoint_dir(run_dir))
 
     # A finished run is reported, not retrained.
     latest = latest_path(run_dir)
