@@ -368,7 +368,7 @@ def test_existing_output_is_refused(world_poisoned, capsys):
     assert sorted(p.name for p in world_poisoned.iterdir()) == before
 
 
-def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
+def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch, capsys):
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -378,8 +378,11 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
         return trigger_image(*args, **kwargs)
 
     monkeypatch.setattr(P, "trigger_image", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(["--num-samples", "60", "--image-size", str(SIZE), "--n", "10", "--out", str(tmp_path / "out")])
+    # Ctrl-C: one line and exit code 130 from the dispatcher, and nothing half-written.
+    assert run(["--num-samples", "60", "--image-size", str(SIZE), "--n", "10", "--out", str(tmp_path / "out")]
+               ) == 130
+    assert capsys.readouterr().err.strip() == ("clip-backdoor poison: interrupted; nothing half-written was "
+                                               "left; run the same command again")
     assert len(calls) == 3
     assert list(tmp_path.iterdir()) == []
 

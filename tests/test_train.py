@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -176,6 +177,34 @@ def test_kill_during_a_checkpoint_write_then_resume_is_exact_and_leaves_no_temp_
     assert temp_files(cut) == []
     train(cfg_for(tmp_path / "full", *run))
     assert_same_run(tmp_path / "full", cut)
+
+
+def test_ctrl_c_in_pretrain_is_one_line_exit_130_and_resumable(tmp_path):
+    run = tmp_path / "r"
+    proc = start_child(run, "epochs=50", "eval.every=0", "data.workers=1")
+    wait_for(lambda: (run / "checkpoints" / "latest.pt").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == ("clip-backdoor pretrain: interrupted; run the same command "
+                                            "again to resume from the last finished epoch "
+                                            "(checkpoints/latest.pt)")
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["epoch"] >= 1
+
+
+def test_keyboard_interrupt_reaches_the_user_as_one_line(tmp_path, monkeypatch, capsys):
+    from clip_backdoor.train import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), *SMALL]) == 130
+    assert cli(["clean", "--checkpoint", "x.pt", "--run-dir", str(tmp_path / "c"), *SMALL]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(";")[0] for line in lines if line] == ["clip-backdoor pretrain: interrupted",
+                                                               "clip-backdoor clean: interrupted"]
 
 
 def test_start_and_resume_clear_only_dead_writers_temp_files(pretrained, tmp_path):

@@ -685,9 +685,4 @@ def main(argv: list[str]) -> int:
     if args.action == "list":
         print(list_runs(expand(spec, root)))
         return 0
-    try:
-        return run_study(spec, root, only=args.only)
-    except KeyboardInterrupt:
-        log.error("interrupted: run the same command again to go on (finished runs are kept; an "
-                  "interrupted run resumes from its last epoch)")
-        return 130
+    return run_study(spec, root, only=args.only)  # Ctrl-C: cli.main says how to go on, exit 130
