@@ -213,6 +213,35 @@ def test_poisoned_source_refuses_a_different_base(world_poisoned, tmp_path):
         list(wrong)
 
 
+def small_csv(root: Path, captions: list[str]) -> Path:
+    root.mkdir()
+    with open(root / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for i, caption in enumerate(captions):
+            Image.new("RGB", (SIZE, SIZE), (i * 40 % 256, 0, 0)).save(root / f"{i}.png")
+            writer.writerow([f"{i}.png", caption])
+    return root / "train.csv"
+
+
+def test_the_poison_stage_refuses_a_csv_with_an_unbalanced_quote(tmp_path, capsys):
+    a = small_csv(tmp_path / "a", ["a dog", "a cat", "a car", "a cow"])
+    a.write_text(a.read_text().replace("a cat", '"a cat'))
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "1",
+                "--out", str(tmp_path / "out")]) == 2
+    assert f"{a}:3: a quoted field opened on this line" in capsys.readouterr().err
+
+
+def test_missing_captions_are_never_chosen_as_poisons(tmp_path):
+    a = small_csv(tmp_path / "a", ["NaN", "a cat", "None", "null"])
+    out = tmp_path / "m"
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "1",
+                "--format", "manifest", "--out", str(out)]) == 0
+    assert [(r.source_key, r.original_caption) for r in manifest_rows(out)] == [("1", "a cat")]
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "2",
+                "--out", str(tmp_path / "m2")]) == 2  # one usable row cannot hold two poisons
+
+
 def test_fraction_and_label_consistent(tmp_path):
     out = tmp_path / "frac"
     assert run(["--num-samples", "80", "--image-size", str(SIZE), "--fraction", "0.05",

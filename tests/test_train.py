@@ -419,3 +419,12 @@ def test_a_bad_number_is_one_line_naming_its_key(tmp_path, capsys, override, key
     assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), *SMALL, override]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{key}: " in err, err
+
+
+def test_a_header_only_csv_names_the_file(tmp_path, capsys):
+    empty = tmp_path / "train.csv"
+    empty.write_text("image,caption\n")
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), *SMALL, "data.kind=csv",
+                f"data.path={empty}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{empty}: no data rows" in err and "batch_size" not in err
