@@ -522,6 +522,19 @@ def test_empty_data_is_its_own_error_naming_the_file(tmp_path: Path):
         WdsSource(str(tmp_path / "s.tar"))
 
 
+def test_fingerprints_tell_sources_apart_and_ignore_shuffling(tmp_path: Path):
+    a = write_csv(tmp_path, [("a.png", "x"), ("b.png", "y")])
+    fp = CsvSource(a, seed=1).fingerprint()
+    assert fp == CsvSource(a, seed=2, shuffle=False, rank=1, world_size=2).fingerprint()
+    assert fp["n_rows"] == 2 and fp["kind"] == "csv"
+    (tmp_path / "other").mkdir()
+    b = write_csv(tmp_path / "other", [("a.png", "x"), ("b.png", "z")])  # one caption differs
+    assert CsvSource(b).fingerprint()["sha256"] != fp["sha256"]
+    world = SyntheticSource(FakeWorld(), 5)
+    assert world.fingerprint()["n_rows"] == 5
+    assert MappedSource(world, lambda s: s).fingerprint() == world.fingerprint()
+
+
 def test_a_user_error_in_a_dataloader_worker_stays_one_line():
     class Refuses(SyntheticSource):
         def load(self, index):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import hashlib
 import inspect
 import io
 import itertools
@@ -141,6 +142,11 @@ class CaptionSource:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def fingerprint(self) -> dict:
+        """What identifies this source's rows, independent of shuffling, rank and seed; a poison
+        manifest records it and refuses another source (``attacks.manifest.check_source``)."""
+        return {"kind": type(self).__name__, "n_rows": int(self.num_samples), "sha256": None}
+
     def skip(self, where: str, why: str) -> None:
         """Count an unusable row; name it in the log only the first few times in this process."""
         self.n_skipped += 1
@@ -201,6 +207,10 @@ class _StringColumn:
 
     def __len__(self) -> int:
         return len(self._ends)
+
+    def update_hash(self, h: Any) -> None:
+        h.update(self._ends_np.tobytes())
+        h.update(memoryview(self._data))
 
     def __getitem__(self, i: int) -> str:
         start = int(self._ends_np[i - 1]) if i > 0 else 0
@@ -315,6 +325,13 @@ class CsvSource(IndexedSource):
                                     f"{last} and holds what looks like a row of its own ({line[:60]!r}); "
                                     "a quote is unbalanced")
 
+    def fingerprint(self) -> dict:
+        h = hashlib.sha256()
+        self.images.update_hash(h)
+        self.captions.update_hash(h)
+        h.update(self.poison.tobytes())
+        return {"kind": "csv", "n_rows": self.num_samples, "sha256": h.hexdigest()}
+
     def load(self, index: int) -> Sample | None:
         image_path, caption = self.images[index], self.captions[index]
         where = f"{self.path} row {index}"
@@ -382,6 +399,13 @@ class SyntheticSource(IndexedSource):
             self.skip(f"synthetic pair {index}", problem)
             return None
         return Sample(image, caption, str(index), False)
+
+    def fingerprint(self) -> dict:
+        # Which pairs exist depends on the world's seed and knobs, not on the resolution it renders at.
+        world = {"seed": getattr(self.world, "seed", None), "knobs": repr(getattr(self.world, "knobs", None))}
+        digest = hashlib.sha256(json.dumps(world, sort_keys=True).encode()).hexdigest()
+        return {"kind": "synthetic", "n_rows": self.num_samples, "sha256": digest}
+
 
 # ---------------------------------------------------------------------------------------------
 # WebDataset shards
@@ -493,6 +517,13 @@ class WdsSource(CaptionSource):
             raise UserError(f"{self.shards[0].parent / 'sizes.json'}: the shards hold 0 samples; is this the "
                             "right data?")
         log.info("%d shards, %d samples (first: %s)", len(self.shards), self.num_samples, self.shards[0])
+
+    def fingerprint(self) -> dict:
+        # Shard names and sizes in bytes: reading every sample just to check would cost a whole pass.
+        shards = [[shard.name, shard.stat().st_size] for shard in self.shards]
+        digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+        return {"kind": "wds", "n_rows": self.num_samples, "sha256": digest}
+
     def stream(self, part: int, num_parts: int, keys: Sequence[int]) -> Iterator[Sample]:
         """Samples of one part of the data, in an order seeded by ``keys`` (and ``part``)."""
         from webdataset.tariterators import tarfile_samples
@@ -611,6 +642,9 @@ class MappedSource(CaptionSource):
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
+
+    def fingerprint(self) -> dict:
+        return self.inner.fingerprint()
 
     def skip(self, where: str, why: str) -> None:
         self.inner.skip(where, why)
