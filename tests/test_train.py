@@ -421,6 +421,14 @@ def test_a_bad_number_is_one_line_naming_its_key(tmp_path, capsys, override, key
     assert len(err.splitlines()) == 1 and f"{key}: " in err, err
 
 
+def test_a_text_file_as_checkpoint_is_one_line(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello world\n")  # the unpickler used to raise KeyError on this
+    assert cli(["clean", "--checkpoint", str(notes), "--run-dir", str(tmp_path / "c"), *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a clip-backdoor checkpoint" in err
+
+
 def test_a_header_only_csv_names_the_file(tmp_path, capsys):
     empty = tmp_path / "train.csv"
     empty.write_text("image,caption\n")
