@@ -412,6 +412,17 @@ def test_resolved_config_is_saved(pretrained):
     json.dumps(saved)  # plain data only
 
 
+def test_overrides_may_come_anywhere_among_the_flags(pretrained, tmp_path):
+    assert cli(["pretrain", "epochs=1", "--run-dir", str(tmp_path / "p"), "eval.every=0", "--seed", "3",
+                *SMALL]) == 0
+    saved = load_config(TrainConfig, tmp_path / "p" / "config.yaml")
+    assert saved.epochs == 1 and saved.eval.every == 0 and saved.seed == 3
+    ckpt = str(pretrained / "checkpoints" / "latest.pt")
+    assert cli(["clean", "epochs=1", "--checkpoint", ckpt, "eval.every=0", "--method", "mmcl",
+                "--run-dir", str(tmp_path / "c"), "eval_at_start=false", *SMALL]) == 0
+    assert [r["epoch"] for r in metrics(tmp_path / "c")] == [1]
+
+
 @pytest.mark.parametrize("override, key", [("optim.lr=-1e-3", "optim.lr"), ("optim.beta2=1", "optim.beta2"),
                                            ("optim.warmup_steps=-5", "optim.warmup_steps"),
                                            ("batch_size=0", "batch_size")])
@@ -436,3 +447,13 @@ def test_a_header_only_csv_names_the_file(tmp_path, capsys):
                 f"data.path={empty}"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{empty}: no data rows" in err and "batch_size" not in err
+
+
+def test_a_warm_up_longer_than_the_run_is_one_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        train(cfg_for(tmp_path / "w", "epochs=1", "eval.every=0", "save_every=0", "optim.warmup_steps=50"))
+    warnings = [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
+    assert warnings == ["optim.warmup_steps=50 covers the whole run (4 steps): the learning rate only warms "
+                        "up (to 8% of optim.lr) and never reaches its cosine decay; lower "
+                        "optim.warmup_steps or train longer"]
+    assert metrics(tmp_path / "w")[0]["lr"] == pytest.approx(2e-3 * 4 / 50)

@@ -6,6 +6,7 @@ union of the ranks' batches is the single process's batch.
 """
 
 import json
+import logging
 import os
 import socket
 
@@ -35,6 +36,9 @@ def _config(run_dir, model_path, batch_size):
 def _worker(rank, port, run_dir, model_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
+    log = logging.getLogger("clip_backdoor")  # what each rank would print, for the parent to read
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.FileHandler(f"{run_dir}.rank{rank}.log"))
     train(_config(run_dir, model_path, batch_size=16))
 
 
@@ -58,3 +62,6 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     ddp_loss = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     single_loss = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     assert ddp_loss == pytest.approx(single_loss, rel=1e-5)
+    # One summary line per epoch: rank 0 prints it, the other ranks do not.
+    logs = [(tmp_path / f"ddp.rank{rank}.log").read_text() for rank in (0, 1)]
+    assert logs[0].count("epoch 1/1") == 1 and "epoch 1/1" not in logs[1]

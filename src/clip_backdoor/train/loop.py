@@ -30,7 +30,7 @@ from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_tem
 from clip_backdoor.objectives import Objective
 from clip_backdoor.train import distributed as D
 from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, save_checkpoint, unwrap
-from clip_backdoor.train.optim import build_optimizer, lr_at, set_lr
+from clip_backdoor.train.optim import build_optimizer, lr_at, schedule_warning, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         raise UserError(f"data: {loader.source.num_samples} samples give no full batch of {cfg.batch_size} "
                         f"per rank on {env.world_size} rank(s); lower batch_size")
     total_steps = cfg.epochs * steps_per_epoch
+    if env.is_main and (warning := schedule_warning(cfg.optim.warmup_steps, total_steps)):
+        log.warning(warning)
     image_view = _image_view(cfg) if objective.uses_ssl else None
     eval_set, trigger = _eval_parts(cfg, model.image_size)
 
@@ -189,7 +191,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         if env.is_main:
             rows = read_jsonl(metrics_path) if metrics_path.exists() else []
             write_jsonl(metrics_path, rows + [row])
-        log.info(_summary_line(row, cfg.epochs))
+            log.info(_summary_line(row, cfg.epochs))  # one line per epoch, not one per rank
 
     # Epoch 0: the starting point of a cleaning run, evaluated before any step.
     if start_epoch == 0 and cfg.eval_at_start:
