@@ -385,6 +385,41 @@ def test_pickled_objects_are_refused(tmp_path):
     assert "\n" not in str(info.value)
 
 
+class _OpensAFile:
+    """Unpickling this calls open(marker, "w"): proof that pickled code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["text", "csv", "random bytes", "empty", "pickled code", "zip of junk"])
+def test_any_unreadable_checkpoint_is_one_line_and_runs_no_code(tmp_path, kind):
+    import pickle
+    import random
+    import zipfile
+
+    path, marker = tmp_path / "ckpt.pt", tmp_path / "code-ran"
+    if kind == "text":
+        path.write_text("hello world\n")  # torch's unpickler raised KeyError here
+    elif kind == "csv":
+        path.write_text("image,caption\nimages/0.png,a dog\n")
+    elif kind == "random bytes":
+        path.write_bytes(random.Random(0).randbytes(300))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "pickled code":
+        path.write_bytes(pickle.dumps({"state_dict": _OpensAFile(marker)}, protocol=2))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"junk")
+    with pytest.raises(UserError, match="is not a clip-backdoor checkpoint") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and not marker.exists()
+
+
 def test_shape_mismatch_names_the_first_key(tmp_path, tiny):
     path = tmp_path / "bad.pt"
     state = dict(tiny.state_dict())

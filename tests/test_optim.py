@@ -101,3 +101,15 @@ def test_schedule_cosine_at_known_points():
     assert all(a > b for a, b in zip(decay, decay[1:]))
     # A half-cosine is point-symmetric about its middle: lr(W + k) + lr(T - 1 - k) = base.
     assert [lr(W + k) + lr(T - 1 - k) for k in range(13)] == pytest.approx([base] * 13)
+
+
+def test_schedule_warning_exactly_when_the_cosine_phase_never_comes():
+    from clip_backdoor.train.optim import schedule_warning
+
+    total = 16
+    # W <= T-2: step W is followed by at least one cosine step below the peak.
+    assert schedule_warning(14, total) is None and lr_at(15, base_lr=1.0, warmup_steps=14, total_steps=16) < 1
+    assert schedule_warning(0, total) is None and schedule_warning(0, 1) is None
+    assert "to 100% of optim.lr" in schedule_warning(15, total)  # peaks at the last step, never decays
+    assert lr_at(15, base_lr=1.0, warmup_steps=15, total_steps=16) == 1.0
+    assert "to 32% of optim.lr" in schedule_warning(50, total)  # the 50 warm-up steps in 16

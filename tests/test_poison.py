@@ -212,9 +212,88 @@ def test_poisoned_source_refuses_a_different_base(world_poisoned, tmp_path):
     out = tmp_path / "m"
     assert run(["--num-samples", "40", "--image-size", str(SIZE), "--n", "5", "--format", "manifest",
                 "--out", str(out)]) == 0
-    wrong = PoisonedSource(world_source(40, seed=1), out / "manifest.csv", image_size=SIZE)
-    with pytest.raises(UserError, match="is this the source it was made from"):
-        list(wrong)
+    with pytest.raises(UserError, match="is this the source it was made from"):  # refused up front now
+        PoisonedSource(world_source(40, seed=1), out / "manifest.csv", image_size=SIZE)
+
+
+def test_a_manifest_made_for_another_source_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "m256"
+    assert run(["--num-samples", "256", "--image-size", str(SIZE), "--n", "50", "--format", "manifest",
+                "--out", str(out)]) == 0
+    fingerprint = json.loads((out / "poison.json").read_text())["source_fingerprint"]
+    assert fingerprint == world_source(256).fingerprint() and fingerprint["n_rows"] == 256
+    manifest = out / "manifest.csv"
+    with pytest.raises(UserError) as err:  # used to be accepted: 6 of the 50 poisons have row ids < 64
+        PoisonedSource(world_source(64), manifest, image_size=SIZE)
+    assert str(err.value) == (f"{manifest}: made for a source of 256 rows, but this synthetic source has 64; "
+                              "is this the source it was made from?")
+    # The cleaning-set stage reads a manifest's row ids too.
+    assert run(["--num-samples", "64", "--image-size", str(SIZE), "--cleaning-set", "--size", "10",
+                "--exclude-manifest", str(manifest), "--out", str(tmp_path / "c")]) == 2
+    assert "made for a source of 256 rows" in capsys.readouterr().err
+
+
+def small_csv(root: Path, captions: list[str]) -> Path:
+    root.mkdir()
+    with open(root / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for i, caption in enumerate(captions):
+            Image.new("RGB", (SIZE, SIZE), (i * 40 % 256, 0, 0)).save(root / f"{i}.png")
+            writer.writerow([f"{i}.png", caption])
+    return root / "train.csv"
+
+
+def test_a_manifest_for_another_csv_of_the_same_length_is_refused(tmp_path):
+    a = small_csv(tmp_path / "a", ["a dog", "a cat", "a car", "a cow"])
+    b = small_csv(tmp_path / "b", ["a dog", "a cat", "a bus", "a cow"])
+    out = tmp_path / "m"
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "1",
+                "--format", "manifest", "--out", str(out)]) == 0
+    PoisonedSource(CsvSource(a), out / "manifest.csv", image_size=SIZE)  # its own source: fine
+    with pytest.raises(UserError, match=r"another csv source of 4 rows \(their image paths, captions"):
+        PoisonedSource(CsvSource(b), out / "manifest.csv", image_size=SIZE)
+
+
+def test_an_old_manifest_without_a_fingerprint_warns_once_and_is_accepted(tmp_path, caplog):
+    out = tmp_path / "m"
+    assert run(["--num-samples", "40", "--image-size", str(SIZE), "--n", "5", "--format", "manifest",
+                "--out", str(out)]) == 0
+    info = json.loads((out / "poison.json").read_text())
+    del info["source_fingerprint"]
+    (out / "poison.json").write_text(json.dumps(info))
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert PoisonedSource(world_source(40), out / "manifest.csv", image_size=SIZE).num_samples == 40
+    assert caplog.text.count("without a source fingerprint") == 1
+
+
+def test_a_cleaning_set_without_rows_is_an_error_naming_it(tmp_path):
+    out = tmp_path / "c"
+    assert run(["--num-samples", "40", "--image-size", str(SIZE), "--cleaning-set", "--size", "5",
+                "--format", "manifest", "--out", str(out)]) == 0
+    manifest = out / "manifest.csv"
+    manifest.write_text(manifest.read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match=f"^{manifest}: a cleaning set that lists no rows$"):
+        PoisonedSource(world_source(40), manifest, image_size=SIZE)
+
+
+def test_the_poison_stage_refuses_a_csv_with_an_unbalanced_quote(tmp_path, capsys):
+    a = small_csv(tmp_path / "a", ["a dog", "a cat", "a car", "a cow"])
+    a.write_text(a.read_text().replace("a cat", '"a cat'))
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "1",
+                "--out", str(tmp_path / "out")]) == 2
+    assert f"{a}:3: a quoted field opened on this line" in capsys.readouterr().err
+
+
+def test_missing_captions_are_never_chosen_as_poisons(tmp_path):
+    a = small_csv(tmp_path / "a", ["NaN", "a cat", "None", "null"])
+    out = tmp_path / "m"
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "1",
+                "--format", "manifest", "--out", str(out)]) == 0
+    assert [(r.source_key, r.original_caption) for r in manifest_rows(out)] == [("1", "a cat")]
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "2",
+                "--out", str(tmp_path / "m2")]) == 2  # one usable row cannot hold two poisons
 
 
 def test_fraction_and_label_consistent(tmp_path):
@@ -410,7 +489,7 @@ def test_existing_output_is_refused(world_poisoned, capsys):
     assert sorted(p.name for p in world_poisoned.iterdir()) == before
 
 
-def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
+def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch, capsys):
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -420,8 +499,11 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
         return trigger_image(*args, **kwargs)
 
     monkeypatch.setattr(P, "trigger_image", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(["--num-samples", "60", "--image-size", str(SIZE), "--n", "10", "--out", str(tmp_path / "out")])
+    # Ctrl-C: one line and exit code 130 from the dispatcher, and nothing half-written.
+    assert run(["--num-samples", "60", "--image-size", str(SIZE), "--n", "10", "--out", str(tmp_path / "out")]
+               ) == 130
+    assert capsys.readouterr().err.strip() == ("clip-backdoor poison: interrupted; nothing half-written was "
+                                               "left; run the same command again")
     assert len(calls) == 3
     assert list(tmp_path.iterdir()) == []
 

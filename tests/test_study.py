@@ -151,6 +151,13 @@ def test_unknown_key_names_its_path_and_file(tmp_path, change, where):
     ({"pretrain": {"objectives": ["mmcl", {"name": "mmcl+ssl", "ssl_weight": "lots"}]}},
      "pretrain.objectives[1].ssl_weight: expected a number, got 'lots'"),
     ({"pretrain": {"image_policy": "strong"}}, "pretrain.image_policy"),
+    # The training config's bounds, reused (config.bounds_of): a value the run would refuse is refused here.
+    ({"pretrain": {"weight_decay": -1}}, "pretrain.weight_decay: -1.0 must be >= 0"),
+    ({"cleaning": {"weight_decay": -1}}, "cleaning.weight_decay: -1.0 must be >= 0"),
+    ({"pretrain": {"objectives": ["mmcl", {"name": "mmcl+ssl", "lr": -1}]}},
+     "pretrain.objectives[1].lr: -1.0 must be > 0"),
+    ({"data": {"workers": -1}}, "data.workers: -1 must be >= 0"),
+    ({"run": {"threads": 0}}, "run.threads: 0 must be >= 1"),
 ])
 def test_bad_grid_value_names_itself(tmp_path, change, where):
     assert where in error_of(tmp_path, tiny(**change))

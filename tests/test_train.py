@@ -4,12 +4,20 @@ import copy
 import json
 import logging
 import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import clip_backdoor
 from _train_helpers import CORRUPT, MISSING, counting_load, write_bad_csv
 from clip_backdoor import cleaning
 from clip_backdoor.cli import main as cli
@@ -125,6 +133,133 @@ def test_resume_is_exact(tmp_path, monkeypatch, caplog):
     b = load_checkpoint(cut / "checkpoints" / "latest.pt")
     assert a["step"] == b["step"] == 12
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def assert_same_run(a_dir, b_dir):
+    assert comparable(metrics(a_dir)) == comparable(metrics(b_dir))
+    a = load_checkpoint(a_dir / "checkpoints" / "latest.pt")["state_dict"]
+    b = load_checkpoint(b_dir / "checkpoints" / "latest.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# A child process running a tiny pretrain through the CLI. With --slow-save every checkpoint is
+# written in 20 pieces over ~0.4 s, so the parent can kill it while it is inside torch.save.
+CHILD = """
+import io, sys, time
+import torch
+if sys.argv[1] == "--slow-save":
+    real_save = torch.save
+    def slow_save(obj, path):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        data = buffer.getvalue()
+        with open(path, "wb") as f:
+            for i in range(20):
+                f.write(data[i * len(data) // 20:(i + 1) * len(data) // 20])
+                f.flush()
+                time.sleep(0.02)
+    torch.save = slow_save
+from clip_backdoor.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def start_child(run_dir, *overrides, slow_save=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(clip_backdoor.__file__).resolve().parents[1])}
+    argv = [sys.executable, "-c", CHILD, "--slow-save" if slow_save else "--plain", "pretrain",
+            f"run_dir={run_dir}", *SMALL, *overrides]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("child did not get there in time")
+        time.sleep(0.005)
+
+
+def temp_files(run_dir):
+    return [p for d in (run_dir, run_dir / "checkpoints") if d.is_dir() for p in d.iterdir()
+            if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_kill_during_a_checkpoint_write_then_resume_is_exact_and_leaves_no_temp_file(tmp_path, seed):
+    rng = random.Random(seed)
+    target = rng.randint(1, 3)  # which of epoch_1, latest (1), epoch_2 to interrupt
+    delay = rng.uniform(0.0, 0.3)  # how far into that ~0.4 s write
+    run = ["epochs=2", "eval.every=0"]  # MMCL, no eval: test_resume_is_exact covers the SSL views and eval
+    cut = tmp_path / "cut"
+    proc = start_child(cut, *run, slow_save=True)
+    seen: set[str] = set()
+
+    def writes_started():
+        seen.update(p.name for p in temp_files(cut))
+        return len(seen) >= target
+
+    wait_for(writes_started, proc)
+    time.sleep(delay)
+    proc.kill()  # SIGKILL: no handler, no finally
+    proc.communicate()
+    assert temp_files(cut), "the kill should land inside the checkpoint write"
+
+    train(cfg_for(cut, *run))  # resumed in this process
+    assert temp_files(cut) == []
+    train(cfg_for(tmp_path / "full", *run))
+    assert_same_run(tmp_path / "full", cut)
+
+
+def test_ctrl_c_in_pretrain_is_one_line_exit_130_and_resumable(tmp_path):
+    run = tmp_path / "r"
+    proc = start_child(run, "epochs=50", "eval.every=0", "data.workers=1")
+    wait_for(lambda: (run / "checkpoints" / "latest.pt").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == ("clip-backdoor pretrain: interrupted; run the same command "
+                                            "again to resume from the last finished epoch "
+                                            "(checkpoints/latest.pt)")
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["epoch"] >= 1
+
+
+def test_keyboard_interrupt_reaches_the_user_as_one_line(tmp_path, monkeypatch, capsys):
+    from clip_backdoor.train import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), *SMALL]) == 130
+    assert cli(["clean", "--checkpoint", "x.pt", "--run-dir", str(tmp_path / "c"), *SMALL]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(";")[0] for line in lines if line] == ["clip-backdoor pretrain: interrupted",
+                                                               "clip-backdoor clean: interrupted"]
+
+
+def test_start_and_resume_clear_only_dead_writers_temp_files(pretrained, tmp_path):
+    from clip_backdoor import fileio
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = fileio.host_id()
+    stale = pretrained / "checkpoints" / f".latest.pt.{done.pid}@{host}.abcd1234.tmp"
+    writing = pretrained / "checkpoints" / f".epoch_2.pt.{live.pid}@{host}.abcd1234.tmp"
+    try:
+        stale.write_bytes(b"half a checkpoint")
+        writing.write_bytes(b"being written")
+        train(cfg_for(pretrained, "epochs=2"))  # finished: reported, and its dead writer's temp file gone
+        assert not stale.exists() and writing.exists()
+    finally:
+        live.kill()
+        live.wait()
+        writing.unlink(missing_ok=True)
 
 
 def test_resume_of_finished_run_says_so(pretrained, caplog):
@@ -488,3 +623,50 @@ def test_cleaning_draws_its_own_views_not_the_pretraining_ones(pretrained):
     assert same_rows
     differ = sum(not torch.equal(a[r], b[r]) for r in same_rows)
     assert differ > len(same_rows) // 4, (differ, len(same_rows))
+
+
+def test_overrides_may_come_anywhere_among_the_flags(pretrained, tmp_path):
+    assert cli(["pretrain", "epochs=1", "--run-dir", str(tmp_path / "p"), "eval.every=0", "--seed", "3",
+                *SMALL]) == 0
+    saved = load_config(TrainConfig, tmp_path / "p" / "config.yaml")
+    assert saved.epochs == 1 and saved.eval.every == 0 and saved.seed == 3
+    ckpt = str(pretrained / "checkpoints" / "latest.pt")
+    assert cli(["clean", "epochs=1", "--checkpoint", ckpt, "eval.every=0", "--method", "mmcl",
+                "--run-dir", str(tmp_path / "c"), "eval_at_start=false", *SMALL]) == 0
+    assert [r["epoch"] for r in metrics(tmp_path / "c")] == [1]
+
+
+@pytest.mark.parametrize("override, key", [("optim.lr=-1e-3", "optim.lr"), ("optim.beta2=1", "optim.beta2"),
+                                           ("optim.warmup_steps=-5", "optim.warmup_steps"),
+                                           ("batch_size=0", "batch_size")])
+def test_a_bad_number_is_one_line_naming_its_key(tmp_path, capsys, override, key):
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), *SMALL, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{key}: " in err, err
+
+
+def test_a_text_file_as_checkpoint_is_one_line(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello world\n")  # the unpickler used to raise KeyError on this
+    assert cli(["clean", "--checkpoint", str(notes), "--run-dir", str(tmp_path / "c"), *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a clip-backdoor checkpoint" in err
+
+
+def test_a_header_only_csv_names_the_file(tmp_path, capsys):
+    empty = tmp_path / "train.csv"
+    empty.write_text("image,caption\n")
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), *SMALL, "data.kind=csv",
+                f"data.path={empty}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{empty}: no data rows" in err and "batch_size" not in err
+
+
+def test_a_warm_up_longer_than_the_run_is_one_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        train(cfg_for(tmp_path / "w", "epochs=1", "eval.every=0", "save_every=0", "optim.warmup_steps=50"))
+    warnings = [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
+    assert warnings == ["optim.warmup_steps=50 covers the whole run (4 steps): the learning rate only warms "
+                        "up (to 8% of optim.lr) and never reaches its cosine decay; lower "
+                        "optim.warmup_steps or train longer"]
+    assert metrics(tmp_path / "w")[0]["lr"] == pytest.approx(2e-3 * 4 / 50)

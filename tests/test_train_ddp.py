@@ -93,7 +93,13 @@ def _worker(rank, ports, tmp):
         return real_evaluate(*args, **kwargs)
 
     ev.evaluate_model = evaluate_model
+    log = logging.getLogger("clip_backdoor")  # what each rank would print, for the parent to read
+    log.setLevel(logging.INFO)
+    printed = logging.FileHandler(f"{tmp}/ddp.rank{rank}.log")
+    log.addHandler(printed)
     train(_config(f"{tmp}/ddp", f"{tmp}/vit-tiny.json", batch_size=32))  # global: 16 per rank
+    log.removeHandler(printed)
+    printed.close()
     steps_of_first = list(steps)
 
     os.environ["MASTER_PORT"] = str(ports[1])  # a fresh process group for the second training
@@ -259,3 +265,9 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(two_ranks):
     _, ranks = two_ranks
     assert ranks[1]["stopped"].startswith("loss became nan at step 0 (epoch 1)")
     assert ranks[0]["stopped"].startswith("another rank's loss became non-finite at step 0 (epoch 1)")
+
+
+def test_rank_zero_alone_prints_the_epoch_line(two_ranks):
+    tmp, _ = two_ranks
+    logs = [(tmp / f"ddp.rank{rank}.log").read_text() for rank in (0, 1)]
+    assert logs[0].count("epoch 1/1") == 1 and "epoch 1/1" not in logs[1]

@@ -3,16 +3,23 @@
 A run's config is data (YAML), never executed code. Unknown keys and wrong types are rejected with
 the key's dotted path and the file it came from, so a typo never silently falls back to a default
 (a flag that silently does nothing is one of the reference code's smells).
+
+Every numeric field has a bound, declared in its class's ``BOUNDS`` (``"> 0"``, ``">= 1"``,
+``"[0, 1)"``) and checked by :func:`check_bounds` wherever a config is loaded (``from_dict``) or
+handed to the training loop, so ``optim.lr=-1e-3`` is a one-line error naming the key instead of a
+traceback from inside torch. Other configs (the study spec) reuse these bounds via :func:`bounds_of`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -39,6 +46,8 @@ class DataConfig:
     poison_manifest: str | None = None  # manifest.csv: poisons applied on the fly (manifest-only mode)
     workers: int = 2
 
+    BOUNDS: ClassVar[dict[str, str]] = {"num_samples": ">= 1", "workers": ">= 0"}
+
 
 @dataclass
 class EvalConfig:
@@ -56,6 +65,9 @@ class EvalConfig:
     batch_size: int = 256
     workers: int = 0
 
+    BOUNDS: ClassVar[dict[str, str]] = {"n": ">= 1", "seed": ">= 0", "every": ">= 0", "batch_size": ">= 1",
+                                        "workers": ">= 0"}
+
 
 @dataclass
 class ObjectiveConfig:
@@ -68,6 +80,8 @@ class ObjectiveConfig:
     eda_alpha: float = 0.1
     image_policy: str = "imagenet"  # AutoAugment policy for the image view
 
+    BOUNDS: ClassVar[dict[str, str]] = {"mmcl_weight": ">= 0", "ssl_weight": ">= 0", "eda_alpha": "(0, 1)"}
+
 
 @dataclass
 class OptimConfig:
@@ -78,6 +92,10 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 50
     grad_clip: float | None = None  # max global grad norm; None = no clipping
+
+    BOUNDS: ClassVar[dict[str, str]] = {"lr": "> 0", "weight_decay": ">= 0", "beta1": "[0, 1)",
+                                        "beta2": "[0, 1)", "eps": "> 0", "warmup_steps": ">= 0",
+                                        "grad_clip": "> 0"}
 
 
 @dataclass
@@ -109,6 +127,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    BOUNDS: ClassVar[dict[str, str]] = {"epochs": ">= 1", "batch_size": ">= 1", "threads": ">= 1",
+                                        "seed": ">= 0", "save_every": ">= 0"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +194,65 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         if key not in names:
             raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_bounds(obj, where, recurse=False)  # nested sections were checked by their own from_dict
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric bounds
+# --------------------------------------------------------------------------------------------
+# "> 0", ">= 1", ... or an interval "[0, 1)", "(0, 1)", "[0, 1]"
+_BOUND = re.compile(r"^(?P<op>>=|>|<=|<) *(?P<x>\S+)$"
+                    r"|^(?P<open>[\[(]) *(?P<lo>[^,]+), *(?P<hi>[^\])]+)(?P<close>[\])])$")
+
+
+def _within(value: float, bound: str) -> bool:
+    match = _BOUND.match(bound.strip())
+    if match is None:
+        raise ValueError(f"malformed bound {bound!r}")  # a programming error, not a user's
+    if match["op"]:
+        x = float(match["x"])
+        return {">": value > x, ">=": value >= x, "<": value < x, "<=": value <= x}[match["op"]]
+    lo, hi = float(match["lo"]), float(match["hi"])
+    above = value >= lo if match["open"] == "[" else value > lo
+    below = value <= hi if match["close"] == "]" else value < hi
+    return above and below
+
+
+def check_bounds(obj: Any, where: str = "config", *, recurse: bool = True) -> None:
+    """Check every field named in ``type(obj).BOUNDS`` (and, with ``recurse``, in nested sections).
+
+    ``None`` passes where the field allows it (``grad_clip: null``); a float must be finite. The
+    error is one line: ``optim.lr: -0.001 must be > 0``.
+    """
+    for name, bound in getattr(type(obj), "BOUNDS", {}).items():
+        value = getattr(obj, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # None where allowed; a wrong type is _coerce's to report
+        key = f"{where}.{name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}: {value!r} is not a finite number")
+        if not _within(value, bound):
+            rule = f"lie in {bound}" if bound.strip()[0] in "[(" else f"be {bound}"
+            raise UserError(f"{key}: {value!r} must {rule}")
+    if recurse:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                check_bounds(value, f"{where}.{f.name}")
+
+
+def bounds_of(cls: type, **fields: str) -> dict[str, str]:
+    """Bounds taken from ``cls``'s fields by dotted path: ``bounds_of(TrainConfig, lr="optim.lr")``
+    gives ``{"lr": "> 0"}``, so another config stating the same value states it once."""
+    out = {}
+    for name, path in fields.items():
+        owner, *parts = [cls, *path.split(".")]
+        for part in parts[:-1]:
+            owner = typing.get_type_hints(owner)[part]
+        out[name] = owner.BOUNDS[parts[-1]]
+    return out
 
 
 def to_dict(obj: Any) -> dict:

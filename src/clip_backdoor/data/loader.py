@@ -153,7 +153,21 @@ class TrainLoader:
         self.source.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.dataloader)
+        try:
+            yield from self.dataloader
+        except UserError as e:  # raised in a worker: torch wraps it in the worker's traceback
+            raise UserError(worker_message(e)) from None
+
+
+def worker_message(error: BaseException) -> str:
+    """The one-line message of an error re-raised from a dataloader worker (torch prepends the
+    worker's whole traceback, which must not reach the user for a mistake of theirs)."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{type(error).__name__}: "
+    lines = [line for line in text.splitlines() if marker in line]
+    return lines[-1].split(marker, 1)[1].strip() if lines else text.splitlines()[0]
 
 
 def build_train_loader(source: CaptionSource, *, image_size: int, context_length: int, batch_size: int,

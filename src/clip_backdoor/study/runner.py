@@ -35,7 +35,7 @@ from typing import Any
 
 from clip_backdoor.config import TrainConfig, to_dict
 from clip_backdoor.errors import UserError
-from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_json
+from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps, write_json
 from clip_backdoor.study.select import COLUMNS
 from clip_backdoor.study.spec import (
     MANIFEST,
@@ -554,6 +554,7 @@ def run_study(spec: StudySpec, root: Path, *, only: str | None = None) -> int:
     """Everything ``study run`` does after parsing: returns the exit code (1 when a run failed)."""
     plan = expand(spec, root)
     check_inputs(spec)
+    remove_stale_temps(plan.root, plan.root / "data", plan.root / "report")  # a killed study's leftovers
     _save_resolved(plan)
     make_poison(plan)
 
@@ -686,9 +687,4 @@ def main(argv: list[str]) -> int:
     if args.action == "list":
         print(list_runs(expand(spec, root)))
         return 0
-    try:
-        return run_study(spec, root, only=args.only)
-    except KeyboardInterrupt:
-        log.error("interrupted: run the same command again to go on (finished runs are kept; an "
-                  "interrupted run resumes from its last epoch)")
-        return 130
+    return run_study(spec, root, only=args.only)  # Ctrl-C: cli.main says how to go on, exit 130

@@ -26,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -37,6 +37,7 @@ from clip_backdoor.config import (
     OptimConfig,
     TrainConfig,
     apply_overrides,
+    bounds_of,
     from_dict,
     to_dict,
 )
@@ -64,6 +65,8 @@ class DataSpec:
     separator: str = ","
     workers: int = 1  # dataloader worker processes per run
 
+    BOUNDS: ClassVar[dict[str, str]] = bounds_of(DataConfig, num_samples="num_samples", workers="workers")
+
 
 @dataclass
 class AttackSpec:
@@ -75,6 +78,8 @@ class AttackSpec:
     mode: str = "dirty"  # dirty | label-consistent
     synonyms: list = field(default_factory=list)  # label-consistent: other names of the target
     poison_seed: int = 0  # which rows are poisoned and their trigger draws; not a training seed
+
+    BOUNDS: ClassVar[dict[str, str]] = {"n": ">= 0", "fraction": "[0, 1]", "poison_seed": ">= 0"}
 
 
 @dataclass
@@ -101,6 +106,13 @@ class PretrainSpec:
     # pre-training then also saves and evaluates that epoch; its evaluation is the poisoned baseline.
     clean_from: int | None = None
 
+    # The training config's bounds for the values it becomes; an SSL weight of 0 is the mmcl objective.
+    BOUNDS: ClassVar[dict[str, str]] = {
+        **bounds_of(TrainConfig, epochs="epochs", lr="optim.lr", batch_size="batch_size",
+                    warmup_steps="optim.warmup_steps", weight_decay="optim.weight_decay",
+                    grad_clip="optim.grad_clip", eval_every="eval.every", save_every="save_every"),
+        "ssl_weight": "> 0", "clean_from": ">= 1"}
+
 
 @dataclass
 class CleaningSpec:
@@ -120,6 +132,11 @@ class CleaningSpec:
     optimizer_state: str = "fresh"  # fresh | inherit (reference compat)
     keep_checkpoints: bool = False  # a finished cleaning run keeps only its metrics (checkpoints are big)
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        **bounds_of(TrainConfig, epochs="epochs", batch_size="batch_size", warmup_steps="optim.warmup_steps",
+                    weight_decay="optim.weight_decay"),
+        "size": ">= 1", "seed": ">= 0"}
+
 
 @dataclass
 class EvalSpec:
@@ -129,6 +146,8 @@ class EvalSpec:
     seed: int = 0  # test-time trigger seed
     batch_size: int = 256
 
+    BOUNDS: ClassVar[dict[str, str]] = bounds_of(EvalConfig, n="n", seed="seed", batch_size="batch_size")
+
 
 @dataclass
 class RunSettings:
@@ -136,6 +155,8 @@ class RunSettings:
     threads: int | None = None  # torch threads per job; default max(1, cores // jobs)
     device: str = "cpu"  # cpu | auto | cuda | cuda:N
     devices: list = field(default_factory=list)  # one run per listed CUDA device, e.g. [cuda:0, cuda:1]
+
+    BOUNDS: ClassVar[dict[str, str]] = {**bounds_of(TrainConfig, threads="threads"), "jobs": ">= 1"}
 
 
 @dataclass
@@ -310,9 +331,6 @@ def _validate(spec: StudySpec) -> None:
     spec.thresholds = [float(t) for t in spec.thresholds]
     _unique(spec.thresholds, "thresholds")
     r = spec.run
-    _integer(r.jobs, "run.jobs", 1)
-    if r.threads is not None:
-        _integer(r.threads, "run.threads", 1)
     for i, d in enumerate(r.devices):
         if not isinstance(d, str) or not re.fullmatch(r"cuda(:\d+)?", d):
             raise UserError(f"run.devices[{i}]: {d!r} is not a CUDA device such as cuda:0")
@@ -326,7 +344,6 @@ def _validate_data(d: DataSpec, e: EvalSpec) -> None:
     if d.kind != "synthetic" and not d.path:
         raise UserError(f"data.path: required for data.kind={d.kind} (the poison stage and every run "
                         "read it)")
-    _integer(d.num_samples, "data.num_samples", 1)
     if d.kind == "synthetic":
         from clip_backdoor.data.world import make_knobs
 
@@ -335,12 +352,9 @@ def _validate_data(d: DataSpec, e: EvalSpec) -> None:
             make_knobs(**{k: v for k, v in d.world.items() if k not in ("seed", "image_size")})
         except (UserError, TypeError, ValueError) as e:
             raise UserError(f"data.world: {e}") from None
-    _integer(d.workers, "data.workers")
     _choice(e.kind, EVAL_KINDS, "eval.kind")
     if e.kind != "synthetic" and not e.path:
         raise UserError(f"eval.path: required for eval.kind={e.kind} (every run's evaluation reads it)")
-    _integer(e.n, "eval.n", 1)
-    _integer(e.batch_size, "eval.batch_size", 1)
 
 
 def _validate_attack(a: AttackSpec) -> None:
@@ -358,10 +372,6 @@ def _validate_attack(a: AttackSpec) -> None:
     _choice(a.mode, MODES, "attack.mode")
     if (a.n is None) == (a.fraction is None):
         raise UserError("attack: give the number of poisons as exactly one of n or fraction")
-    if a.n is not None:
-        _integer(a.n, "attack.n")
-    if a.fraction is not None and not 0 <= a.fraction <= 1:
-        raise UserError(f"attack.fraction: {a.fraction!r} must lie in [0, 1]")
 
 
 def _validate_pretrain(p: PretrainSpec) -> None:
@@ -379,22 +389,12 @@ def _validate_pretrain(p: PretrainSpec) -> None:
 
 
 def _check_pretrain_settings(p: PretrainSpec, where: str) -> None:
-    _integer(p.epochs, f"{where}.epochs", 1)
-    _integer(p.batch_size, f"{where}.batch_size", 1)
-    _integer(p.warmup_steps, f"{where}.warmup_steps")
-    _integer(p.eval_every, f"{where}.eval_every")
-    _integer(p.save_every, f"{where}.save_every")
-    if p.clean_from is not None:
-        _integer(p.clean_from, f"{where}.clean_from", 1)
-        if p.clean_from > p.epochs:
-            raise UserError(f"{where}.clean_from: epoch {p.clean_from} is past the pre-training's {p.epochs} "
-                            "epochs, so no such checkpoint is ever saved")
-    if p.lr <= 0:
-        raise UserError(f"{where}.lr: {p.lr!r} must be > 0")
+    # Numbers were checked against PretrainSpec.BOUNDS when the section was read (from_dict).
+    if p.clean_from is not None and p.clean_from > p.epochs:
+        raise UserError(f"{where}.clean_from: epoch {p.clean_from} is past the pre-training's {p.epochs} "
+                        "epochs, so no such checkpoint is ever saved")
     _choice(p.precision, PRECISIONS, f"{where}.precision")
     _choice(p.eda, ("static", "dynamic"), f"{where}.eda")
-    if not _number(p.ssl_weight, f"{where}.ssl_weight") > 0:
-        raise UserError(f"{where}.ssl_weight: {p.ssl_weight!r} must be > 0 (pre-train with mmcl for none)")
     from clip_backdoor.data.augment import POLICIES
 
     _choice(p.image_policy, POLICIES, f"{where}.image_policy")
@@ -431,12 +431,7 @@ def pretrain_objectives(p: PretrainSpec) -> dict[str, PretrainSpec]:
 def _validate_cleaning(c: CleaningSpec) -> None:
     from clip_backdoor.attacks.poison import PICKS
 
-    _integer(c.size, "cleaning.size", 1)
     _choice(c.pick, PICKS, "cleaning.pick")
-    _integer(c.seed, "cleaning.seed")
-    _integer(c.epochs, "cleaning.epochs", 1)
-    _integer(c.batch_size, "cleaning.batch_size", 1)
-    _integer(c.warmup_steps, "cleaning.warmup_steps")
     if c.precision is not None:
         _choice(c.precision, PRECISIONS, "cleaning.precision")
     _choice(c.optimizer_state, ("fresh", "inherit"), "cleaning.optimizer_state")

@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clip_backdoor.config import RESOLVED_KEY, TrainConfig, dump_yaml, to_dict
+from clip_backdoor.config import RESOLVED_KEY, TrainConfig, check_bounds, dump_yaml, to_dict
 from clip_backdoor.data.transforms import normalize
 from clip_backdoor.errors import UserError
-from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_jsonl
+from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps, write_jsonl
 from clip_backdoor.objectives import Objective
 from clip_backdoor.train import distributed as D
 from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, save_checkpoint, unwrap
-from clip_backdoor.train.optim import build_optimizer, lr_at, set_lr
+from clip_backdoor.train.optim import build_optimizer, lr_at, schedule_warning, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     """Run (or resume, or report finished) one training run; returns the last metrics line."""
     recipe = recipe or Recipe()
+    check_bounds(cfg)  # configs built in code (study, recipes, API users) pass the loader's checks too
     run_dir = Path(cfg.run_dir)
 
     # 1. Processes and device --------------------------------------------------------------
@@ -135,8 +136,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         raise UserError(f"precision {cfg.precision!r}: choose fp32, bf16 or fp16")
     if cfg.optimizer_state not in ("fresh", "inherit"):
         raise UserError(f"optimizer_state {cfg.optimizer_state!r}: choose fresh or inherit")
-    if cfg.epochs < 1:
-        raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
+    if env.is_main:  # what a killed run of this directory left half-written (never a live writer's)
+        remove_stale_temps(run_dir, checkpoint_dir(run_dir))
 
     # A finished run is reported, not retrained.
     latest = latest_path(run_dir)
@@ -164,6 +165,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         raise UserError(f"data: {loader.source.num_samples} samples give no full global batch of "
                         f"{cfg.batch_size} ({env.world_size} rank(s) x {batch_per_rank}); lower batch_size")
     total_steps = cfg.epochs * steps_per_epoch
+    if env.is_main and (warning := schedule_warning(cfg.optim.warmup_steps, total_steps)):
+        log.warning(warning)
     image_view = _image_view(cfg) if objective.uses_ssl else None
     eval_set, trigger = _eval_parts(cfg, model.image_size)
 
@@ -217,7 +220,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         if env.is_main:
             rows = read_jsonl(metrics_path) if metrics_path.exists() else []
             write_jsonl(metrics_path, rows + [row])
-        log.info(_summary_line(row, cfg.epochs))
+            log.info(_summary_line(row, cfg.epochs))  # one line per epoch, not one per rank
 
     # Epoch 0: the starting point of a cleaning run, evaluated before any step.
     if start_epoch == 0 and cfg.eval_at_start:
