@@ -60,6 +60,7 @@ def test_clean_baseline_is_measured_at_the_poisoned_models_epoch():
             r["start_epoch"] = 2  # cleaning starts from pre-training epoch 2
     rows += baseline_rows()
     assert clean_baselines(rows)[(0, "mmcl")]["acc1"] == 0.55  # epoch 2, like the poisoned model
+    assert clean_baselines(rows[::-1])[(0, "mmcl")]["acc1"] == 0.55  # whatever the row order
     only_baseline = [r for r in rows if r["stage"] != "clean"]  # no start epoch: the last epochs
     assert clean_baselines(only_baseline)[(0, "mmcl")]["acc1"] == 0.56
     assert (0, "mmcl") in select.poisoned_models(rows)  # the baseline is never the poisoned model

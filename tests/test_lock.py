@@ -66,3 +66,21 @@ def test_lock_script_freezes_an_environment_without_the_project(tmp_path):
     assert pins["torch"] == "2.13.0" and "clip-backdoor" not in pins and "pip" in pins
     assert unpinned(installed_distributions(), pins) == []  # it pins everything this interpreter has
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written atomically, no temp left
+
+
+def test_lock_pins_leave_out_the_project_and_keep_torch_as_pinned(monkeypatch):
+    """pins_of on a constructed `pip freeze`: the project (editable or not) is left out, torch's local
+    build label is dropped, a package installed from a path cannot be pinned."""
+    spec = importlib.util.spec_from_file_location("lock", REPO / "scripts" / "lock.py")
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    frozen = ("PyYAML==6.0.4\nclip_backdoor==0.1.0\n-e /work/repo\ntorch==2.13.0+cpu\n# comment\n"
+              "numpy==2.4.6\n")
+    monkeypatch.setattr(lock, "run", lambda cmd, **kwargs: frozen)
+    assert lock.pins_of("python") == ["numpy==2.4.6", "PyYAML==6.0.4", "torch==2.13.0"]
+    monkeypatch.setattr(lock, "run", lambda cmd, **kwargs: "torch==2.12.0+cpu\n")
+    with pytest.raises(SystemExit, match="the environment has torch 2.12.0"):
+        lock.pins_of("python")
+    monkeypatch.setattr(lock, "run", lambda cmd, **kwargs: "mylib @ file:///tmp/mylib\n")
+    with pytest.raises(SystemExit, match="cannot pin 'mylib @ file:///tmp/mylib'"):
+        lock.pins_of("python")

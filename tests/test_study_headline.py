@@ -132,3 +132,14 @@ def test_headline_shows_floor_validation_finding_and_environment(headline_study,
     runner.report(expand(spec, root))
     printed = capsys.readouterr().out
     assert "The paper's finding" in printed and "**Environment**" in printed
+
+
+def test_only_pretrain_includes_the_clean_baselines(tmp_path, monkeypatch):
+    import clip_backdoor.train.loop as loop
+
+    trained = []
+    monkeypatch.setattr(loop, "train", lambda cfg, recipe=None: trained.append(cfg.run_dir) or {})
+    spec = parse_spec(tiny(pretrain={"clean_baseline": True}))
+    assert runner.run_study(spec, tmp_path / "s", only="pretrain") == 0
+    names = ("pretrain/mmcl,clean,seed=0", "pretrain/mmcl,seed=0")
+    assert sorted(trained) == [str(tmp_path / "s" / n) for n in names]
