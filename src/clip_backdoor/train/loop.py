@@ -279,8 +279,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         seconds = time.perf_counter() - t0
         recipe.on_epoch_end(ctx)
 
-        row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size, "batch_size_per_rank": batch_per_rank,
-               "world_size": env.world_size}
+        row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size,
+               "batch_size_per_rank": batch_per_rank, "world_size": env.world_size}
         # Averaged over ranks: gathered terms are equal on every rank; a recipe's local term (e.g. the
         # clustering loss on each rank's slice) becomes its global-batch mean.
         row.update({k: D.all_reduce_mean(v, env, device) / steps_per_epoch for k, v in sums.items()})
@@ -289,7 +289,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                     "seconds": seconds, "n_skipped": D.all_reduce_sum_int(n_skipped, env, device)})
         if row["n_skipped"]:
             log.warning("epoch %d: skipped %d unreadable samples", epoch, row["n_skipped"])
-        if (cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs)) or epoch in cfg.eval.epochs:
+        periodic = cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs)
+        if periodic or epoch in cfg.eval.epochs:
             row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
@@ -319,8 +320,8 @@ def _build_model(cfg: TrainConfig, device: torch.device):
 
     if cfg.init_checkpoint:
         if not Path(cfg.init_checkpoint).is_file():
-            raise UserError(f"init_checkpoint {cfg.init_checkpoint}: no such file (the run starts from it; in a "
-                            "study, was that pre-training epoch saved? see pretrain.clean_from)")
+            raise UserError(f"init_checkpoint {cfg.init_checkpoint}: no such file (the run starts from "
+                            "it; in a study, was that pre-training epoch saved? see pretrain.clean_from)")
         model, ckpt = model_from_checkpoint(cfg.init_checkpoint, device="cpu")
         return model.to(device), ckpt
     return create_model(cfg.model, seed=cfg.seed).to(device), None
@@ -493,7 +494,8 @@ def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
         return
     raise UserError(f"epochs: the checkpoint {path} was trained for epochs={before}, this run asks for "
                     f"{cfg.epochs}, which changes the cosine schedule of the remaining steps; rerun with "
-                    f"epochs={before}, start over (resume=false / --no-resume), or set allow_epochs_change=true")
+                    f"epochs={before}, start over (resume=false / --no-resume), or set "
+                    "allow_epochs_change=true")
 
 
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
