@@ -160,7 +160,7 @@ def test_no_qualifying_point_is_none_and_headline_says_so():
     assert r["status"] == "none" and r["acc1"] is None and r["lr"] is None and r["rel_change"] is None
     assert pick(per_seed, "min-asr")["asr1"] == 0.80
     table = headline_table(rows)
-    assert "| MMCL | 50.0 / 99.0 | MMCL only | none |  | 80.0 | 1 |" in table
+    assert "| MMCL | 50.0 / 99.0 | MMCL only | none | 0/1 |  | 80.0 | 80.0 |" in table
 
 
 def test_headline_warns_when_the_backdoor_was_never_learned():
@@ -285,7 +285,7 @@ def test_epoch_zero_of_an_untransformed_run_stands_in_without_pretraining_rows()
     assert found[(0, "mmcl")]["acc1"] == 0.21 and found[(0, "mmcl")]["source"] == "clean epoch 0"
 
 
-def test_seeds_aggregate_mean_and_sample_std_over_seeds_that_qualify():
+def test_seeds_aggregate_mean_and_t_interval_over_seeds_that_qualify():
     rows = run(1e-4, [(0.40, 0.02)], seed=0, poisoned=(0.50, 0.99))
     rows += run(1e-4, [(0.44, 0.04)], seed=1, poisoned=(0.52, 0.97))
     rows += run(1e-4, [(0.48, 0.30)], seed=2, poisoned=(0.54, 0.95))   # does not reach 5%
@@ -293,12 +293,17 @@ def test_seeds_aggregate_mean_and_sample_std_over_seeds_that_qualify():
     assert (r["n_seeds"], r["n_found"], r["seeds"]) == (3, 2, "0;1;2")
     assert (r["lrs"], r["epochs"]) == ("1e-4;1e-4", "1;1")
     assert r["acc1_mean"] == pytest.approx(0.42) and r["acc1_std"] == pytest.approx(0.02 * 2 ** 0.5)
+    # t_{0.975, 1} = 12.7062, t_{0.975, 2} = 4.3027 (printed tables); half-width = t · s / √n
+    assert r["acc1_ci"] == pytest.approx(12.7062 * 0.02 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
     rel = [(0.40 - 0.50) / 0.50, (0.44 - 0.52) / 0.52]
     assert r["rel_change_mean"] == pytest.approx(sum(rel) / 2)
     assert r["poisoned_acc1_mean"] == pytest.approx(0.52) and r["poisoned_acc1_std"] == pytest.approx(0.02)
+    assert r["poisoned_acc1_ci"] == pytest.approx(4.3027 * 0.02 / 3 ** 0.5, rel=1e-4)
     table = headline_table(rows)
-    assert "| MMCL | 52.0 ± 2.0 / 97.0 ± 2.0 | CleanCLIP | 42.0 ± 2.8 (2/3 seeds) |" in table
-    assert "mean ± std over 3 seeds" in table
+    assert "| MMCL | 52.0 ± 5.0 / 97.0 ± 5.0 | CleanCLIP | 42.0 ± 25.4 | 2/3 |" in table
+    assert "half-width of the 95% Student-t confidence interval over 3 seeds" in table
+    wide = headline_table(rows, confidence=0.99)  # t_{0.995, 1} = 63.657
+    assert "| CleanCLIP | 42.0 ± 127.3 | 2/3 |" in wide and "99% Student-t" in wide
 
 
 def test_k_variants_are_separate_groups_sharing_the_poisoned_model():
@@ -310,8 +315,8 @@ def test_k_variants_are_separate_groups_sharing_the_poisoned_model():
     assert pick(per_seed, "min-asr", k=5)["asr1"] == 0.35
     table = headline_table(rows)
     lines = table.splitlines()
-    assert lines[2] == "| MMCL | 50.0 / 99.0 | CleanCLIP | 45.0 | -10.0% | 1.0 | 1 |"
-    assert lines[3] == "|  |  | CleanCLIP, k=5 | none |  | 35.0 | 1 |"
+    assert lines[2] == "| MMCL | 50.0 / 99.0 | CleanCLIP | 45.0 | 1/1 | -10.0% | 1.0 | 1.0 |"
+    assert lines[3] == "|  |  | CleanCLIP, k=5 | none | 0/1 |  | 35.0 | 35.0 |"
 
 
 def test_headline_orders_objectives_and_methods_and_lists_objective_without_cleaning():
@@ -355,10 +360,11 @@ def test_oracle_matches_naive_brute_force_on_random_studies():
 def test_selection_table_has_every_rule_for_every_group():
     rows = run(1e-4, [(0.4, 0.0)]) + run(1e-4, [(0.4, 0.0)], method="ssl", k=5)
     table = selection_table(rows)
-    assert [t["rule"] for t in table[:6]] == ["asr<=1%", "asr<=5%", "asr<=10%", "min-asr", "last-epoch",
-                                              "best-acc"]
-    assert len(table) == 12
-    assert [t["peeks_at_asr"] for t in table[:6]] == [True, True, True, True, False, False]
+    assert [t["rule"] for t in table[:7]] == ["asr<=1%", "asr<=5%", "asr<=10%", "min-asr", "min-asr@acc>=90%",
+                                              "last-epoch", "best-acc"]
+    assert len(table) == 14
+    assert [t["peeks_at_asr"] for t in table[:7]] == [True, True, True, True, True, False, False]
+    assert {t["selected_on"] for t in table} == {"test"}  # no validation split in these results
 
 
 @pytest.mark.parametrize("lr, text", [(3e-4, "3e-4"), (1e-5, "1e-5"), (2.5e-4, "2.5e-4"), (0.01, "0.01"),

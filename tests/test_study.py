@@ -16,7 +16,9 @@ from clip_backdoor.study import runner
 from clip_backdoor.study.spec import expand, format_lr, load_spec, parse_spec
 
 COLUMNS = ["seed", "stage", "pretrain", "method", "lr", "k", "start_epoch", "epoch", "step", "init", "acc1",
-           "acc5", "asr1", "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run"]
+           "acc5", "asr1", "asr5", "ra1", "n", "n_asr", "val_acc1", "val_acc5", "val_asr1", "val_asr5",
+           "val_ra1", "val_n", "val_n_asr", "acc1_lo", "acc1_hi", "asr1_lo", "asr1_hi", "val_acc1_lo",
+           "val_acc1_hi", "val_asr1_lo", "val_asr1_hi", "loss", "loss_mmcl", "loss_ssl", "run"]
 
 
 def tiny(**sections) -> dict:

@@ -64,9 +64,18 @@ class EvalConfig:
     epochs: list = field(default_factory=list)  # ... and after each of these epochs too
     batch_size: int = 256
     workers: int = 0
+    # A validation split, disjoint from the test images, evaluated in the same pass (metrics val_*):
+    # synthetic: val_n images of the world's eval split from val_start (default n, after the test images);
+    # imagefolder / labels_csv: a second set (val_path) or a seeded per-class partition (val_fraction).
+    val_n: int = 0
+    val_start: int | None = None
+    val_path: str | None = None
+    val_fraction: float | None = None
+    split_seed: int = 0
 
     BOUNDS: ClassVar[dict[str, str]] = {"n": ">= 1", "seed": ">= 0", "every": ">= 0", "batch_size": ">= 1",
-                                        "workers": ">= 0"}
+                                        "workers": ">= 0", "val_n": ">= 0", "val_start": ">= 0",
+                                        "val_fraction": "(0, 1)", "split_seed": ">= 0"}
 
 
 @dataclass

@@ -36,7 +36,7 @@ from typing import Any
 from clip_backdoor.config import TrainConfig, to_dict
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps, write_json
-from clip_backdoor.study.select import COLUMNS
+from clip_backdoor.study.select import COLUMNS, interval_cells
 from clip_backdoor.study.spec import (
     MANIFEST,
     DataStage,
@@ -516,6 +516,7 @@ def results_rows(plan: StudyPlan) -> list[dict[str, str]]:
                    "method": run.method or "", "lr": _cell(run.lr), "k": _cell(run.k),
                    "start_epoch": _cell(run.start_epoch)}
             row.update({key: _cell(metrics.get(key)) for key in METRIC_COLUMNS})
+            row.update({key: _cell(v) for key, v in interval_cells(metrics, plan.spec.confidence).items()})
             row["run"] = run.name
             rows.append(row)
     return rows
@@ -534,16 +535,15 @@ def write_results(plan: StudyPlan) -> tuple[Path, list[dict[str, str]]]:
 
 def report(plan: StudyPlan) -> Path:
     """results.csv, then the report; prints the headline table. Returns the report's index.html."""
-    from clip_backdoor.study.report import write_report
-    from clip_backdoor.study.select import headline_table
+    from clip_backdoor.study.report import headline_text, write_report
 
     path, rows = write_results(plan)
     log.info("%s: %d rows from %d runs", path, len(rows), len({r["run"] for r in rows}))
     if not rows:
         log.warning("no finished epochs yet: nothing to report")
         return path
-    index = write_report(plan.root, taus=tuple(plan.spec.thresholds))
-    print(headline_table(rows))
+    index = write_report(plan.root, taus=tuple(plan.spec.thresholds), confidence=plan.spec.confidence)
+    print(headline_text(plan.root, confidence=plan.spec.confidence))
     return index
 
 
@@ -558,7 +558,8 @@ def run_study(spec: StudySpec, root: Path, *, only: str | None = None) -> int:
     _save_resolved(plan)
     make_poison(plan)
 
-    runs = [r for r in plan.runs if only is None or r.stage == only]
+    runs = [r for r in plan.runs  # --only pretrain includes the clean baselines (pre-training runs too)
+            if only is None or r.stage == only or (only, r.stage) == ("pretrain", "baseline")]
     markers = {r.name: finished_marker(r) for r in plan.runs}
     finished = {name for name, marker in markers.items() if marker}
     skipped = [r for r in runs if r.name in finished]

@@ -11,6 +11,7 @@ function of the spec, so run names and their order never change between invocati
   data/poisoned/                              manifest.csv + poison.json (poisons made on the fly)
   data/clean,k=<k>/                           cleaning sets (k poisons injected; k=0 is clean)
   pretrain/<objective>,seed=<s>/              one pre-training run per objective and seed
+  pretrain/<objective>,clean,seed=<s>/        the same without poisons (pretrain.clean_baseline: true)
   clean/<objective>,seed=<s>/<method>/lr=<lr>[,k=<k>]/   k appears only when k > 0
 ```
 
@@ -105,6 +106,9 @@ class PretrainSpec:
     # Cleaning runs start from this pre-training epoch's checkpoint (None: the last epoch). The
     # pre-training then also saves and evaluates that epoch; its evaluation is the poisoned baseline.
     clean_from: int | None = None
+    # Also pre-train each objective without poisons (same seed, data, schedule): the clean model's
+    # accuracy and ASR are the headline's floor. Nothing is cleaned from it.
+    clean_baseline: bool = False
 
     # The training config's bounds for the values it becomes; an SSL weight of 0 is the mmcl objective.
     BOUNDS: ClassVar[dict[str, str]] = {
@@ -142,11 +146,21 @@ class CleaningSpec:
 class EvalSpec:
     kind: str = "synthetic"  # synthetic | imagefolder | labels_csv
     path: str | None = None
-    n: int = 1000  # synthetic: images
+    n: int = 1000  # synthetic: test images (world eval indices [0, n))
     seed: int = 0  # test-time trigger seed
     batch_size: int = 256
+    # The validation split that chooses (lr, epoch); the test split above reports. Synthetic: val_n
+    # images from index val_start (default n); file kinds: val_path (a second set of the same kind) or
+    # val_fraction of eval.path's images (a seeded per-class partition by split_seed). 0 / None: none.
+    val_n: int = 0
+    val_start: int | None = None
+    val_path: str | None = None
+    val_fraction: float | None = None
+    split_seed: int = 0
 
-    BOUNDS: ClassVar[dict[str, str]] = bounds_of(EvalConfig, n="n", seed="seed", batch_size="batch_size")
+    BOUNDS: ClassVar[dict[str, str]] = bounds_of(EvalConfig, n="n", seed="seed", batch_size="batch_size",
+                                                 val_n="val_n", val_start="val_start",
+                                                 val_fraction="val_fraction", split_seed="split_seed")
 
 
 @dataclass
@@ -169,7 +183,10 @@ class StudySpec:
     cleaning: CleaningSpec = field(default_factory=CleaningSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     thresholds: list = field(default_factory=lambda: [0.01, 0.05, 0.10])  # ASR levels for selection
+    confidence: float = 0.95  # of every interval in the report, and 1 − the level of its tests
     run: RunSettings = field(default_factory=RunSettings)
+
+    BOUNDS: ClassVar[dict[str, str]] = {"confidence": "(0, 1)"}  # checked in _validate, with a hint
 
 
 @dataclass(frozen=True)
@@ -230,6 +247,8 @@ def parse_spec(data: dict, where: str = "study") -> StudySpec:
     for section in (spec.data, spec.eval):
         if section.path and "://" not in section.path:
             section.path = str(Path(section.path).expanduser().absolute())
+    if spec.eval.val_path and "://" not in spec.eval.val_path:
+        spec.eval.val_path = str(Path(spec.eval.val_path).expanduser().absolute())
     return spec
 
 
@@ -245,6 +264,11 @@ def _build(data: dict) -> StudySpec:
                 raise UserError(f"name: expected a string, got {value!r}")
             kwargs[key] = value
             continue
+        if key == "confidence":
+            kwargs[key] = value  # checked in _validate
+            continue
+        if key == "seeds" and not isinstance(value, list):  # `seeds: 3` is seed 3, not three seeds
+            raise UserError(f"seeds: expected a list of distinct integers such as [0, 1, 2], got {value!r}")
         default = names[key].default_factory()  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
@@ -321,6 +345,10 @@ def _validate(spec: StudySpec) -> None:
     for i, s in enumerate(spec.seeds):
         _integer(s, f"seeds[{i}]")
     _unique(spec.seeds, "seeds")
+    c = spec.confidence
+    if isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c < 1:
+        raise UserError(f"confidence: {c!r} must lie strictly between 0 and 1 (e.g. 0.95 for 95% intervals)")
+    spec.confidence = float(c)
     _validate_data(spec.data, spec.eval)
     _validate_attack(spec.attack)
     _validate_pretrain(spec.pretrain)
@@ -355,6 +383,34 @@ def _validate_data(d: DataSpec, e: EvalSpec) -> None:
     _choice(e.kind, EVAL_KINDS, "eval.kind")
     if e.kind != "synthetic" and not e.path:
         raise UserError(f"eval.path: required for eval.kind={e.kind} (every run's evaluation reads it)")
+    _validate_splits(e)
+
+
+def _validate_splits(e: EvalSpec) -> None:
+    """The validation split's keys fit the eval kind, and the two splits cannot overlap."""
+    from clip_backdoor.data.classification import check_synthetic_splits
+
+    _integer(e.val_n, "eval.val_n")
+    _integer(e.split_seed, "eval.split_seed")
+    if e.kind == "synthetic":
+        for key in ("val_path", "val_fraction"):
+            if getattr(e, key) is not None:
+                raise UserError(f"eval.{key}: applies to imagefolder / labels_csv eval sets; the synthetic "
+                                "set takes eval.val_n (and eval.val_start)")
+        if e.val_start is not None:
+            _integer(e.val_start, "eval.val_start")
+        check_synthetic_splits(e.n, e.val_n, e.val_start)
+        return
+    for key in ("val_n", "val_start"):
+        if getattr(e, key):
+            raise UserError(f"eval.{key}: applies to the synthetic eval set; for eval.kind={e.kind} give "
+                            "eval.val_path or eval.val_fraction")
+    if e.val_path is not None and e.val_fraction is not None:
+        raise UserError("eval.val_fraction: give a validation set (eval.val_path) or a fraction, not both")
+    if e.val_path is not None and e.path and "://" not in e.val_path and \
+            Path(e.val_path).expanduser().absolute() == Path(e.path).expanduser().absolute():
+        raise UserError(f"eval.val_path: {e.val_path!r} is eval.path itself; the validation and test splits "
+                        "must be disjoint (or use eval.val_fraction to partition one set)")
 
 
 def _validate_attack(a: AttackSpec) -> None:
@@ -486,7 +542,7 @@ class Run:
     """One training run of the study; ``name`` is its directory relative to the study directory."""
 
     name: str
-    stage: str  # pretrain | clean
+    stage: str  # pretrain | baseline (pre-training without poisons) | clean
     seed: int
     pretrain: str  # the pre-training objective
     method: str | None  # the method's label (clean runs)
@@ -539,6 +595,11 @@ def pretrain_name(objective: str, seed: int) -> str:
     return f"pretrain/{objective},seed={seed}"
 
 
+def baseline_name(objective: str, seed: int) -> str:
+    """The clean baseline sorts right before its poisoned twin: ``pretrain/mmcl,clean,seed=0``."""
+    return f"pretrain/{objective},clean,seed={seed}"
+
+
 def clean_name(objective: str, seed: int, method: str, lr: float, k: int) -> str:
     tail = f"lr={format_lr(lr)}" + (f",k={k}" if k else "")
     return f"clean/{objective},seed={seed}/{method}/{tail}"
@@ -570,6 +631,9 @@ def expand(spec: StudySpec, root: str | Path) -> StudyPlan:
         for objective in objectives:
             runs.append(Run(pretrain_name(objective, seed), "pretrain", seed, objective, None, None, None,
                             _pretrain_config(spec, root, objective, seed)))
+            if pretrain_objectives(spec.pretrain)[objective].clean_baseline:
+                runs.append(Run(baseline_name(objective, seed), "baseline", seed, objective, None, None, None,
+                                _pretrain_config(spec, root, objective, seed, poisoned=False)))
     for seed in spec.seeds:
         for objective in objectives:
             parent = pretrain_name(objective, seed)
@@ -595,7 +659,8 @@ def _eval_config(spec: StudySpec, every: int) -> EvalConfig:
     a, e = spec.attack, spec.eval
     return EvalConfig(kind=e.kind, path=e.path, n=e.n, target=a.target, trigger=a.trigger,
                       trigger_params=dict(a.trigger_params), seed=e.seed, every=every,
-                      batch_size=e.batch_size)
+                      batch_size=e.batch_size, val_n=e.val_n, val_start=e.val_start, val_path=e.val_path,
+                      val_fraction=e.val_fraction, split_seed=e.split_seed)
 
 
 def start_epoch(pretrain: PretrainSpec, objective: str) -> int:
@@ -610,7 +675,9 @@ def _start_checkpoint(spec: StudySpec, root: Path, objective: str, seed: int) ->
     return folder / (f"epoch_{p.clean_from}.pt" if p.clean_from is not None else "latest.pt")
 
 
-def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int) -> TrainConfig:
+def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
+                     poisoned: bool = True) -> TrainConfig:
+    """A pre-training run; ``poisoned=False`` is its clean baseline (the same rows, none poisoned)."""
     p = pretrain_objectives(spec.pretrain)[objective]
     l1, l2 = OBJECTIVES[objective]
     l2 *= float(p.ssl_weight)  # scales an SSL term where the objective has one; mmcl stays 0
@@ -618,10 +685,10 @@ def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int) -> 
     also = [p.clean_from] if p.clean_from is not None else []
     eval_cfg.epochs = list(also)
     return TrainConfig(
-        run_dir=str(root / pretrain_name(objective, seed)), model=p.model, epochs=p.epochs,
-        batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
-        seed=seed, save_every=p.save_every, save_epochs=list(also),
-        data=_data_config(spec, root / POISON_DIR / MANIFEST), eval=eval_cfg,
+        run_dir=str(root / (pretrain_name if poisoned else baseline_name)(objective, seed)), model=p.model,
+        epochs=p.epochs, batch_size=p.batch_size, precision=p.precision, device=spec.run.device,
+        threads=spec.run.threads, seed=seed, save_every=p.save_every, save_epochs=list(also),
+        data=_data_config(spec, root / POISON_DIR / MANIFEST if poisoned else None), eval=eval_cfg,
         objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),
         optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
                           grad_clip=p.grad_clip))

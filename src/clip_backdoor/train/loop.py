@@ -209,6 +209,11 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg) + dump_yaml({RESOLVED_KEY: {
             "world_size": env.world_size, "batch_size": cfg.batch_size, "batch_size_per_rank": batch_per_rank,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}}))
+    if env.is_main:  # what this run runs on, once per start (a resume in another environment is added)
+        from clip_backdoor.environment import collect, record_environment
+
+        record_environment(run_dir, collect(device, env.world_size), start_epoch=start_epoch,
+                           fresh=resume_ckpt is None)
 
     method = {"name": recipe.name, **recipe.params} if recipe.name else None
     model_name = (init_ckpt or {}).get("model", {}).get("name") if init_ckpt else cfg.model
@@ -390,11 +395,13 @@ def _eval_parts(cfg: TrainConfig, image_size: int):
 
     e = cfg.eval
     if e.kind == "synthetic":
-        spec = {"kind": "synthetic", "n": e.n, "world": world_spec(cfg, image_size)}
+        spec = {"kind": "synthetic", "n": e.n, "world": world_spec(cfg, image_size), "val_n": e.val_n,
+                "val_start": e.val_start}
     elif e.kind in ("imagefolder", "labels_csv"):
         if not e.path:
             raise UserError(f"eval.path: required for eval.kind={e.kind}")
-        spec = {"kind": e.kind, ("root" if e.kind == "imagefolder" else "path"): e.path}
+        spec = {"kind": e.kind, ("root" if e.kind == "imagefolder" else "path"): e.path,
+                "val_path": e.val_path, "val_fraction": e.val_fraction, "split_seed": e.split_seed}
     else:
         raise UserError(f"eval.kind {e.kind!r}: choose synthetic, imagefolder or labels_csv")
     eval_set = open_eval_set(spec, image_size)
