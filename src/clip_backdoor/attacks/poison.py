@@ -52,6 +52,7 @@ from clip_backdoor.attacks.manifest import (
     read_manifest,
 )
 from clip_backdoor.attacks.triggers import (
+    TRIGGERS,
     Trigger,
     apply_trigger_uint8,
     get_trigger,
@@ -549,7 +550,7 @@ def _check_out_dir(out: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 def preview_triggers(images: Sequence[torch.Tensor], triggers: Sequence[Trigger], path: str | os.PathLike,
-                     seed: int = 0, diff_for: Sequence[str] = ("wanet",)) -> Path:
+                     seed: int = 0, diff_for: Sequence[str] = ("wanet", "blended-stripes")) -> Path:
     """A PNG grid: clean images in the first row, then one row per trigger (same images, seeded).
 
     Triggers too subtle to see (``diff_for``) get an extra row of ``|triggered - clean| x 10``.
@@ -586,7 +587,9 @@ def preview_triggers(images: Sequence[torch.Tensor], triggers: Sequence[Trigger]
 
 
 def _short_label(trigger: Trigger) -> str:
-    interesting = {"badnet": "mode", "patch": "pattern", "blended": "noise", "sig": "combine", "wanet": "k"}
+    interesting = {"badnet": "mode", "patch": "pattern", "blended": "noise", "sig": "combine", "wanet": "k",
+                   "badnet-stripes": "stripes", "blended-stripes": "alpha", "blended-triangles": "alpha",
+                   "blended-text": "alpha"}
     key = interesting.get(trigger.name)
     return f"{trigger.name} ({key}={trigger.params[key]})" if key else trigger.name
 
@@ -678,7 +681,7 @@ def open_source(spec: dict) -> CaptionSource:
 def _list_triggers() -> str:
     from clip_backdoor.attacks.triggers import trigger_defaults
 
-    return "\n".join(f"{name:<8} " + " ".join(f"{k}={v}" for k, v in trigger_defaults(name).items())
+    return "\n".join(f"{name:<17} " + " ".join(f"{k}={v}" for k, v in trigger_defaults(name).items())
                      for name in list_triggers())
 
 
@@ -689,7 +692,9 @@ def _preview(args: argparse.Namespace, trigger: Trigger) -> int:
         images.append(squash(sample.image, args.image_size))
         if len(images) == args.preview_n:
             break
-    triggers = [trigger if name == trigger.name else get_trigger(name) for name in list_triggers()]
+    # Every trigger usable with its defaults (badclip needs a patch file: shown when it is --trigger).
+    triggers = [trigger if name == trigger.name else get_trigger(name) for name in list_triggers()
+                if name == trigger.name or not TRIGGERS[name].required]
     path = preview_triggers(images, triggers, args.preview, seed=args.poison_seed)
     log.info("wrote trigger preview (%d images x %d triggers) to %s", len(images), len(triggers), path)
     return 0
