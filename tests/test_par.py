@@ -245,7 +245,8 @@ def test_augment_noise_only_brightens_in_reference_mode():
     assert (out >= x).all() and (out > x).float().mean() > 0.4
     noise = torch.randn((3, 16, 16), generator=_after_coin(0)) * 0.2
     torch.testing.assert_close(out[0], (0.5 + noise.clamp(0, 1)).clamp(0, 1))
-    both = cleaning.par_augment(x, torch.Generator().manual_seed(0), noise_p=1.0, erase_p=0.0, noise_sign="both")
+    both = cleaning.par_augment(x, torch.Generator().manual_seed(0), noise_p=1.0, erase_p=0.0,
+                                noise_sign="both")
     torch.testing.assert_close(both[0], (0.5 + noise).clamp(0, 1))
     off = cleaning.par_augment(x, torch.Generator().manual_seed(0), noise_p=0.0, erase_p=0.0)
     assert torch.equal(off, x)

@@ -600,17 +600,9 @@ def _short_label(trigger: Trigger) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clip-backdoor poison", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("source (read in file order)")
-    src.add_argument("--source-kind", choices=("synthetic", "csv", "wds"), default="synthetic")
-    src.add_argument("--source", help="CSV file, or WebDataset shard pattern (brace expansion allowed)")
-    src.add_argument("--num-samples", type=int, default=None,
-                     help="synthetic: pairs in the world's training stream (default 10000); "
-                          "wds: overrides sizes.json")
-    src.add_argument("--world-seed", type=int, default=0, help="synthetic: the world's seed")
-    src.add_argument("--image-key", default="image")
-    src.add_argument("--caption-key", default="caption")
-    src.add_argument("--separator", default=",")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="clip-backdoor poison optimize-patch --help: learn BadCLIP's patch")
+    add_source_arguments(p)
 
     atk = p.add_argument_group("attack")
     atk.add_argument("--trigger", default="badnet", help=f"one of {', '.join(list_triggers())}")
@@ -652,6 +644,20 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--list-triggers", action="store_true",
                     help="list triggers and their parameters, then exit")
     return p
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """The caption source flags (shared with ``poison optimize-patch``)."""
+    src = p.add_argument_group("source (read in file order)")
+    src.add_argument("--source-kind", choices=("synthetic", "csv", "wds"), default="synthetic")
+    src.add_argument("--source", help="CSV file, or WebDataset shard pattern (brace expansion allowed)")
+    src.add_argument("--num-samples", type=int, default=None,
+                     help="synthetic: pairs in the world's training stream (default 10000); "
+                          "wds: overrides sizes.json")
+    src.add_argument("--world-seed", type=int, default=0, help="synthetic: the world's seed")
+    src.add_argument("--image-key", default="image")
+    src.add_argument("--caption-key", default="caption")
+    src.add_argument("--separator", default=",")
 
 
 def source_spec(args: argparse.Namespace) -> dict:
@@ -701,6 +707,10 @@ def _preview(args: argparse.Namespace, trigger: Trigger) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["optimize-patch"]:  # BadCLIP's patch: its own module (it needs a surrogate model)
+        from clip_backdoor.attacks.optimize_patch import main as optimize_patch_main
+
+        return optimize_patch_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.list_triggers:
         print(_list_triggers())
