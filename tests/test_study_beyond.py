@@ -95,7 +95,12 @@ POINTS = {
 
 
 def test_dose_table_known_answer():
-    table = dose.dose_table(results(POINTS), {"mmcl": 0.0, "ssl=1": 1.0, "ssl=2": 2.0})
+    rows = results(POINTS)
+    # Other methods and k > 0 cleaning sets are not the dose-response's (they would win here).
+    others = [{**r, "method": "mmcl"} for r in rows[:4]] + [{**r, "k": 2} for r in rows[:4]]
+    for r in others:
+        r["acc1"], r["asr1"] = (0.45, 0.0) if r["epoch"] else (r["acc1"], r["asr1"])
+    table = dose.dose_table(rows + others, {"mmcl": 0.0, "ssl=1": 1.0, "ssl=2": 2.0})
     assert [r["ssl_weight"] for r in table] == [0.0, 1.0, 2.0]
     mmcl, one, two = table
     assert mmcl["n_cleaned"] == 2 and mmcl["best_acc1_mean"] == pytest.approx((0.35 + 0.45) / 2)
