@@ -767,6 +767,9 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                       "# Selection rules\n\n" + select.markdown_table(selection_display(table)))
     atomic_write_text(out / "runs.md",
                       "# Final metrics per run\n\n" + select.markdown_table(runs_display(runs)))
+    from clip_backdoor.study.dose import write_dose_response
+
+    write_dose_response(study_dir, rows, out, tau=tau)  # only for a study over several SSL weights λ2
 
     skipped: dict[str, str | None] = {}
     with matplotlib.rc_context(STYLE):

@@ -78,11 +78,11 @@ UNEVEN_ASR_GAP = 0.20
 
 # Known names first, in the paper's order; anything else follows alphabetically.
 OBJECTIVE_ORDER = ("mmcl", "mmcl+ssl", "ssl")
-METHOD_ORDER = ("cleanclip", "mmcl", "ssl", "heavy-wd", "shrink-perturb", "deep-clustering")
+METHOD_ORDER = ("cleanclip", "mmcl", "ssl", "heavy-wd", "shrink-perturb", "deep-clustering", "par")
 OBJECTIVE_LABELS = {"mmcl": "MMCL", "mmcl+ssl": "MMCL+SSL", "ssl": "SSL"}
 METHOD_LABELS = {"cleanclip": "CleanCLIP", "mmcl": "MMCL only", "ssl": "SSL only",
                  "heavy-wd": "heavy weight decay", "shrink-perturb": "shrink & perturb",
-                 "deep-clustering": "deep clustering"}
+                 "deep-clustering": "deep clustering", "par": "PAR"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -86,8 +86,9 @@ class AttackSpec:
 @dataclass
 class PretrainSpec:
     model: str = "tiny"
-    # names, or {name, <any of the scalar settings below>} to change one for that objective only
-    # (the paper: batch 2048 for MMCL, 1024 for MMCL+SSL)
+    # names, or {name, label, <any of the scalar settings below>} to change one for that objective only
+    # (the paper: batch 2048 for MMCL, 1024 for MMCL+SSL); a label (default: the name) names the runs,
+    # so one objective may appear with several settings, e.g. a dose-response over ssl_weight
     objectives: list = field(default_factory=lambda: ["mmcl", "mmcl+ssl"])
     epochs: int = 10
     lr: float = 5e-4
@@ -249,6 +250,9 @@ def parse_spec(data: dict, where: str = "study") -> StudySpec:
             section.path = str(Path(section.path).expanduser().absolute())
     if spec.eval.val_path and "://" not in spec.eval.val_path:
         spec.eval.val_path = str(Path(spec.eval.val_path).expanduser().absolute())
+    patch = spec.attack.trigger_params.get("patch")
+    if isinstance(patch, str):  # badclip's patch file: every run, wherever it runs, reads the same one
+        spec.attack.trigger_params["patch"] = str(Path(patch).expanduser().absolute())
     return spec
 
 
@@ -466,21 +470,35 @@ def _named_entry(entry, where: str, expected: str) -> dict:
 
 
 def pretrain_objectives(p: PretrainSpec) -> dict[str, PretrainSpec]:
-    """Objective name -> its pre-training settings (the section's, changed by the entry's own)."""
-    out: dict[str, PretrainSpec] = {}
+    """Objective label -> its pre-training settings (the section's, changed by the entry's own)."""
+    return {label: settings for label, (_, settings) in _objective_entries(p).items()}
+
+
+def objective_names(p: PretrainSpec) -> dict[str, str]:
+    """Objective label -> the objective it trains (mmcl, mmcl+ssl, ssl)."""
+    return {label: name for label, (name, _) in _objective_entries(p).items()}
+
+
+def _objective_entries(p: PretrainSpec) -> dict[str, tuple[str, PretrainSpec]]:
+    out: dict[str, tuple[str, PretrainSpec]] = {}
     for i, entry in enumerate(p.objectives):
         where = f"pretrain.objectives[{i}]"
-        entry = _named_entry(entry, where, "an objective name or {name, batch_size, ...}")
-        changes = {k: v for k, v in entry.items() if k != "name"}
+        entry = _named_entry(entry, where, "an objective name or {name, label, batch_size, ...}")
+        changes = {k: v for k, v in entry.items() if k not in ("name", "label")}
         for key in ("objectives", "model"):  # one model and one list per study
             if key in changes:
                 raise UserError(f"{where}.{key}: cannot differ per objective")
         name = entry.get("name")
-        _choice(name, tuple(OBJECTIVES), f"{where}.name" if "name" in entry and changes else where)
-        if name in out:
-            raise UserError(f"{where}: {name!r} is listed twice")
+        _choice(name, tuple(OBJECTIVES), f"{where}.name" if "name" in entry and len(entry) > 1 else where)
+        label = entry.get("label", name)
+        if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", label):
+            raise UserError(f"{where}.label: {label!r} must be a word of letters, digits, '.', '_', '+', "
+                            "'=', '-' (it names the runs' directories)")
+        if label in out:
+            raise UserError(f"{where}: {label!r} is listed twice" + (" (give each entry its own label)"
+                                                                     if "label" not in entry else ""))
         base = {k: v for k, v in to_dict(p).items() if k != "objectives"}
-        out[name] = from_dict(PretrainSpec, {**base, **changes}, where)
+        out[label] = (name, from_dict(PretrainSpec, {**base, **changes}, where))
     return out
 
 
@@ -679,7 +697,7 @@ def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
                      poisoned: bool = True) -> TrainConfig:
     """A pre-training run; ``poisoned=False`` is its clean baseline (the same rows, none poisoned)."""
     p = pretrain_objectives(spec.pretrain)[objective]
-    l1, l2 = OBJECTIVES[objective]
+    l1, l2 = OBJECTIVES[objective_names(spec.pretrain)[objective]]
     l2 *= float(p.ssl_weight)  # scales an SSL term where the objective has one; mmcl stays 0
     eval_cfg = _eval_config(spec, p.eval_every)
     also = [p.clean_from] if p.clean_from is not None else []

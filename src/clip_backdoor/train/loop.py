@@ -66,6 +66,24 @@ class Recipe:
     def prepare_model(self, model: torch.nn.Module, ctx: RunContext) -> None:
         """Called once on a fresh start (never on resume), before the optimizer is built."""
 
+    def setup(self, model: torch.nn.Module, ctx: RunContext) -> None:
+        """Called on every start, fresh or resumed, after ``prepare_model`` and before the optimizer:
+        build what the checkpoint does not hold (e.g. a frozen copy of the starting model)."""
+
+    def learning_rate(self, step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> float:
+        """The learning rate of optimizer step ``step``; the loop's warm-up + cosine by default."""
+        return lr_at(step, base_lr=base_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+
+    def transform_images(self, images: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        """Float [0, 1] batch images before the forward pass (and before SSL views are drawn)."""
+        return images
+
+    def extra_forward(self, inputs: dict, ctx: RunContext) -> dict:
+        """Called under the step's autocast right after the model's forward, with exactly its inputs
+        ({"image": normalised images, "text": tokens}); what it returns joins the model's outputs
+        passed to ``extra_losses`` (e.g. a frozen model's embeddings, computed under no_grad)."""
+        return {}
+
     def on_epoch_start(self, ctx: RunContext) -> None:
         """Called before each training epoch (e.g. recompute pseudo-labels)."""
 
@@ -74,7 +92,8 @@ class Recipe:
         per-epoch param group out of the optimizer, so the checkpoint's optimizer fits a fresh one)."""
 
     def extra_losses(self, outputs: dict, batch: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
-        """Additional weighted loss terms, {name: tensor}; summed into the loss and logged."""
+        """Additional weighted loss terms, {name: tensor}; summed into the loss and logged.
+        A name starting with ``stat_`` is logged only, never summed (e.g. a distance before its cap)."""
         return {}
 
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -174,6 +193,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     ctx = RunContext(cfg=cfg, env=env, device=device, model=model, loader=loader, objective=objective)
     if resume_ckpt is None:
         recipe.prepare_model(model, ctx)
+    recipe.setup(model, ctx)  # fresh or resumed: what a recipe keeps outside the checkpoint
     if env.enabled:
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
@@ -248,7 +268,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not env.is_main or not sys.stderr.isatty(), mininterval=1.0)
         for batch in bar:
-            lr = lr_at(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps)
+            lr = recipe.learning_rate(step, base_lr=o.lr, warmup_steps=o.warmup_steps,
+                                      total_steps=total_steps)
             set_lr(optimizer, lr)
             ctx.step = step
             losses = _forward_losses(model, batch, objective, image_view, recipe, ctx, device,
@@ -302,8 +323,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         if env.is_main:
             ckpt = {"epoch": epoch, "step": step, "model": model_meta,
                     "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": {"kind": "warmup_cosine", "base_lr": o.lr, "warmup_steps": o.warmup_steps,
-                                  "total_steps": total_steps},
+                    "scheduler": {"kind": _schedule_kind(recipe), "base_lr": o.lr,
+                                  "warmup_steps": o.warmup_steps, "total_steps": total_steps},
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
                     "config": to_dict(cfg)}
@@ -432,6 +453,7 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
                     device, autocast_dtype) -> dict[str, torch.Tensor]:
     images = batch["images"].to(device, non_blocking=True).float().div_(255)
     texts = batch["texts"].to(device, non_blocking=True)
+    images = recipe.transform_images(images, ctx)
     n = images.shape[0]
     if objective.uses_ssl:
         # Originals and augmented views go through the model in one forward pass.
@@ -441,7 +463,9 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext())
     with autocast:
-        out = model(image=normalize(images), text=texts)
+        inputs = {"image": normalize(images), "text": texts}
+        out = model(**inputs)
+        out.update(recipe.extra_forward(inputs, ctx))
     u, v, s = out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()
     feats = {"image_features": u[:n], "text_features": v[:n], "logit_scale": s}
     if objective.uses_ssl:
@@ -450,7 +474,8 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     extra = recipe.extra_losses(out, batch, ctx)
     for name, value in extra.items():
         losses[name] = value
-        losses["loss"] = losses["loss"] + value
+        if not name.startswith("stat_"):  # stat_*: logged, not optimised
+            losses["loss"] = losses["loss"] + value
     return losses
 
 
@@ -460,6 +485,11 @@ def _scale_fields(model) -> dict[str, float]:
     name). Until this was split, the log called s "logit_scale"."""
     raw = float(model.logit_scale.detach())
     return {"logit_scale": raw, "scale": math.exp(raw)}
+
+
+def _schedule_kind(recipe: Recipe) -> str:
+    own = type(recipe).learning_rate is not Recipe.learning_rate
+    return f"recipe {recipe.name}" if own else "warmup_cosine"
 
 
 def _average_grads(params: list[torch.nn.Parameter], env: D.DistEnv) -> None:
