@@ -86,7 +86,11 @@ def _detect(step: dict, cfg: TrainConfig) -> None:
 
 def _filter(step: dict, cfg: TrainConfig) -> None:
     from clip_backdoor.detection import read_scores, write_filtered_manifest
+    from clip_backdoor.train.checkpoint import latest_path
 
+    if _recorded(step) is not None and latest_path(cfg.run_dir).exists():
+        raise UserError(f"{step['out']}: made from other detection scores than the study's now, and "
+                        f"{cfg.run_dir} already trained on it; delete both to filter and train again")
     scores_path = Path(step["scores"])
     if not scores_path.is_file():
         raise UserError(f"{scores_path}: no detection scores; the undefended pre-training run must finish "
