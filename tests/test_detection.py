@@ -233,7 +233,7 @@ def test_detect_bad_input_is_one_line_naming_the_key(poisoned_run, tmp_path, cap
         (["--k", "600"], "--k=600 needs 601 reference points, but a batch of 256 pairs gives 510"),
         (["--lid-k", "600", "--reference", "images"], "--lid-k=600 needs 601 reference points"),
         (["--detectors", "kdist,lof"], "--detectors: unknown detector 'lof'"),
-        (["data.num_samples=200"], "data.poison_manifest"),
+        (["data.num_samples=200"], "manifest.csv: lists 256 rows but the data has 200; is it the manifest"),
         (["--batch-size", "1"], "--batch-size: 1 must be an integer >= 2"),
     ]
     for flags, message in cases:
@@ -253,6 +253,19 @@ def test_a_manifest_of_other_rows_is_refused(poisoned_run, tmp_path):
 
     with pytest.raises(UserError, match="manifest expects"):
         D.detect(create_model("tiny"), source, tmp_path / "d", batch_size=64, k=4, lid_k=8)
+
+
+def test_poisons_of_the_manifest_missing_from_the_data_are_refused(poisoned_run, tmp_path):
+    from clip_backdoor.attacks.manifest import PoisonedSource
+    from clip_backdoor.data.captions import make_source
+    from clip_backdoor.models import create_model
+
+    manifest = poisoned_run / "poisoned" / "manifest.csv"
+    base = make_source({"kind": "synthetic", "num_samples": 200, "world": {"image_size": 32}})
+    source = PoisonedSource(base, manifest, image_size=32)  # rows >= 200 (and their poisons) are absent
+    with pytest.raises(UserError, match=r"marks 24 poisons but only \d+ of the data's rows matched"):
+        D.detect(create_model("tiny"), source, tmp_path / "d", batch_size=64, k=4, lid_k=8,
+                 manifest=str(manifest))
 
 
 def test_filtered_manifest_drops_the_top_scored_rows_and_the_loader_honours_it(poisoned_run, tmp_path):

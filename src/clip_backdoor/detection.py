@@ -31,7 +31,9 @@ point it is.
 Memory stays bounded by the batch: scores need only the batch (a 2B × 2B matrix at most), so
 ``detect`` streams batches (the last short one joins its predecessor, so every batch has at least B
 pairs) and keeps three numbers per row. The batch order is a seeded shuffle, as the reference's
-``RandomSampler`` (the paper: "the larger the batch, the better").
+``RandomSampler`` (the paper: "the larger the batch, the better"); with dataloader workers each reads
+its share of the shuffled rows, so the batches (and scores) are repeatable for the same seed and
+number of workers.
 
 ``clip-backdoor detect --checkpoint CKPT`` scores the data the checkpoint was trained on (its saved
 config), or any data given like a training config; it writes ``scores.csv`` (``row_id, is_poison,

@@ -116,6 +116,9 @@ def main_clean(argv: list[str]) -> int:
     cfg = load_config(TrainConfig, args.config, overrides, base=CLEAN_DEFAULTS)
     if not cfg.init_checkpoint:
         raise UserError("clean: --checkpoint (or init_checkpoint in the config) is required")
+    if cfg.defense:
+        raise UserError(f"clean: defense={cfg.defense} is a pre-training defence (clip-backdoor pretrain "
+                        "--defense); remove it from the cleaning config")
     recipe = cleaning.build_recipe(args.method or cfg.method or "cleanclip",
                                    {**cfg.method_params, **method_params})
     cfg = recipe.apply_to_config(cfg, explicit=set(_explicit_keys(overrides, args.config)))

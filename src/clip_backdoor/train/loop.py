@@ -260,8 +260,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - t0
 
-        row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size, "batch_size_per_rank": batch_per_rank,
-               "world_size": env.world_size}
+        row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size,
+               "batch_size_per_rank": batch_per_rank, "world_size": env.world_size}
         row.update({k: v / steps_per_epoch for k, v in sums.items()})
         row.update({"lr": lr, "logit_scale": unwrap(model).logit_scale.exp().item(),
                     "samples_per_s": D.all_reduce_sum_int(n_seen, env, device) / seconds,
