@@ -15,8 +15,8 @@ from clip_backdoor.fileio import read_jsonl
 from clip_backdoor.study import runner
 from clip_backdoor.study.spec import expand, format_lr, load_spec, parse_spec
 
-COLUMNS = ["seed", "stage", "pretrain", "method", "lr", "k", "epoch", "step", "acc1", "acc5", "asr1", "asr5",
-           "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run"]
+COLUMNS = ["seed", "stage", "pretrain", "method", "lr", "k", "start_epoch", "epoch", "step", "init", "acc1",
+           "acc5", "asr1", "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run"]
 
 
 def tiny(**sections) -> dict:
@@ -313,3 +313,50 @@ def test_list_takes_overrides_after_options(tmp_path, capsys):
     assert "pretrain/mmcl,seed=7" in out and "10 runs" in out
     with pytest.raises(SystemExit):
         cli(["study", "list", str(path), "--bogus"])
+
+
+# --------------------------------------------------------------------------------------------
+# Cleaning from an intermediate pre-training epoch; the poisoned baseline
+# --------------------------------------------------------------------------------------------
+def test_clean_from_past_the_pretraining_names_the_key(tmp_path):
+    message = error_of(tmp_path, tiny(pretrain={"epochs": 3, "objectives": [{"name": "mmcl", "clean_from": 4}]}))
+    assert "pretrain.objectives[mmcl].clean_from: epoch 4 is past the pre-training's 3 epochs" in message
+
+
+def test_shrink_perturb_alone_from_an_intermediate_epoch(tmp_path):
+    """Cleaning starts from epoch 1 of a 2-epoch pre-training; the only method is shrink-perturb, whose
+    epoch 0 is the shrunk model. The baseline must be the pre-training's epoch-1 evaluation."""
+    from clip_backdoor.study.select import poisoned_models
+    from clip_backdoor.study.select import read_results as typed_results
+
+    spec = parse_spec(tiny(pretrain={"epochs": 2, "objectives": [{"name": "mmcl", "clean_from": 1}]},
+                           cleaning={"methods": [{"name": "shrink-perturb", "params": {"shrink": 0.0, "perturb": 1.0},
+                                                   "k": [0]}],
+                                     "lrs": [1e-3]}))
+    root = tmp_path / "s"
+    assert runner.run_study(spec, root) == 0
+    pre = root / "pretrain/mmcl,seed=0"
+    assert (pre / "checkpoints/epoch_1.pt").is_file()
+    clean = next(r for r in expand(spec, root).runs if r.stage == "clean")
+    assert clean.cfg.init_checkpoint == str(pre / "checkpoints/epoch_1.pt")
+    rows = typed_results(root / "results.csv")
+    pre_rows = {r["epoch"]: r for r in rows if r["stage"] == "pretrain"}
+    assert set(pre_rows) == {1, 2}  # epoch 1 is evaluated because cleaning starts from it
+    clean_rows = [r for r in rows if r["stage"] == "clean"]
+    assert {r["start_epoch"] for r in clean_rows} == {1}
+    epoch0 = next(r for r in clean_rows if r["epoch"] == 0)
+    metrics = ("acc1", "acc5", "asr1", "asr5", "ra1")
+    assert epoch0["init"] == "transformed"  # shrink 0, perturb 1: a fresh init, not the poisoned model
+    assert [epoch0[m] for m in metrics] != [pre_rows[1][m] for m in metrics]
+    base = poisoned_models(rows)[(0, "mmcl")]
+    assert [base[m] for m in metrics] == [pre_rows[1][m] for m in metrics]
+    assert base["source"] == "pretrain epoch 1"
+
+
+def test_a_method_can_have_its_own_cleaning_batch(tmp_path):
+    spec = parse_spec(tiny(cleaning={"methods": ["cleanclip", {"name": "mmcl", "batch_size": 128}],
+                                     "size": 256}))
+    runs = [r for r in expand(spec, tmp_path / "s").runs if r.stage == "clean"]
+    assert {r.method: r.cfg.batch_size for r in runs} == {"cleanclip": 32, "mmcl": 128}
+    assert "cleaning.methods[0].batch_size: 0 is not an integer >= 1" in error_of(
+        tmp_path, tiny(cleaning={"methods": [{"name": "mmcl", "batch_size": 0}]}))

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -53,6 +54,9 @@ def test_pretrain_writes_run_dir_and_learns(pretrained):
     assert saved == {"epoch_1.pt", "epoch_2.pt", "latest.pt"}
     ckpt = torch.load(pretrained / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 8 and ckpt["model"]["name"] == "tiny"
+    # logit_scale is the parameter itself (ln s), scale its exp (the factor on cosine similarities).
+    assert rows[1]["logit_scale"] == pytest.approx(ckpt["state_dict"]["logit_scale"].item())
+    assert rows[1]["scale"] == pytest.approx(math.exp(rows[1]["logit_scale"]))
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
     assert set(ckpt) >= {"epoch", "step", "model", "state_dict", "optimizer", "scheduler", "scaler", "rng",
                          "config"}
@@ -200,32 +204,41 @@ def test_deep_clustering_runs_end_to_end(pretrained, tmp_path):
     assert all(r["loss"] == pytest.approx(r["loss_mmcl"] + r["loss_ssl"] + r["loss_cluster"]) for r in rows)
 
 
-def test_deep_clustering_pseudo_labels_are_stable_and_the_head_learns(pretrained, monkeypatch):
+def _clustering_context(pretrained, monkeypatch, n_clusters=6):
+    """A context whose cleaning-set embeddings form ``n_clusters`` separated clusters (a barely
+    trained tiny model's embeddings are nearly collinear)."""
     from clip_backdoor.objectives import Objective
     from clip_backdoor.train.distributed import DistEnv
     from clip_backdoor.train.loop import RunContext, build_loader
+    from clip_backdoor.train.optim import build_optimizer
     from clip_backdoor.weights import model_from_checkpoint
 
     model, _ = model_from_checkpoint(pretrained / "checkpoints" / "latest.pt")
     cfg = cfg_for(pretrained)
     loader = build_loader(cfg, image_size=model.image_size, context_length=model.context_length,
                           env=DistEnv(), with_text_view=False)
-    # Separable embeddings per row (a barely trained tiny model's are nearly collinear).
     g = torch.Generator().manual_seed(0)
-    centers = torch.nn.functional.normalize(torch.randn(6, model.config["embed_dim"], generator=g), dim=-1)
+    centers = torch.nn.functional.normalize(torch.randn(n_clusters, model.config["embed_dim"], generator=g),
+                                            dim=-1)
     row_ids = [str(i) for i in range(loader.source.num_samples)]
     noise = 0.1 * torch.randn(len(row_ids), centers.shape[1], generator=g)
-    feats = torch.nn.functional.normalize(centers[torch.arange(len(row_ids)) % 6] + noise, dim=-1)
+    feats = torch.nn.functional.normalize(centers[torch.arange(len(row_ids)) % n_clusters] + noise, dim=-1)
     monkeypatch.setattr(cleaning, "embed_images", lambda *a: (row_ids, feats))
-
     ctx = RunContext(cfg=cfg, env=DistEnv(), device=torch.device("cpu"), model=model, loader=loader,
-                     objective=Objective(), epoch=1)
-    recipe = cleaning.build_recipe("deep-clustering", {"clusters": 6, "iterations": 10, "head_lr": 0.05})
+                     objective=Objective(), optimizer=build_optimizer(model, lr=1e-3, weight_decay=0.1), epoch=1)
+    return ctx, row_ids, feats, centers
+
+
+def test_deep_clustering_fixed_variant_labels_are_stable_and_the_head_learns(pretrained, monkeypatch):
+    ctx, row_ids, feats, _ = _clustering_context(pretrained, monkeypatch)
+    recipe = cleaning.build_recipe("deep-clustering", {"clusters": 6, "iterations": 10, "head_lr": 0.05,
+                                                       "variant": "fixed"})
     recipe.on_epoch_start(ctx)
     first = dict(recipe.assignment)
     recipe.on_epoch_start(ctx)
     assert recipe.assignment == first
     assert len({(first[r], int(r) % 6) for r in row_ids}) == 6  # recovers the constructed clusters
+    assert len(ctx.optimizer.param_groups) == 2  # its head has its own optimizer
     batch = {"row_ids": row_ids[:64]}
     out = {"image_features": feats[:64]}
     losses = []
@@ -236,6 +249,71 @@ def test_deep_clustering_pseudo_labels_are_stable_and_the_head_learns(pretrained
         recipe.head_opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_deep_clustering_reference_variant(pretrained, monkeypatch):
+    """The reference: the head (N(0, 0.01), bias 0) joins the main optimizer without weight decay, and
+    each step's labels are the nearest centroids of the *current* embeddings."""
+    from clip_backdoor.train.optim import set_lr
+
+    ctx, row_ids, feats, centers = _clustering_context(pretrained, monkeypatch)
+    recipe = cleaning.build_recipe("deep-clustering", {"clusters": 6, "iterations": 10})
+    model_groups = len(ctx.optimizer.param_groups)
+    recipe.on_epoch_start(ctx)
+    head = recipe.head
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.1) and torch.equal(head.bias, torch.zeros(6))
+    group = ctx.optimizer.param_groups[-1]
+    assert len(ctx.optimizer.param_groups) == model_groups + 1 and group["weight_decay"] == 0.0
+    assert group["params"] == list(head.parameters()) and recipe.extra_optimizers() == []
+    set_lr(ctx.optimizer, 3e-4)  # the loop's schedule reaches the head too
+    assert group["lr"] == 3e-4
+    # Labels follow the current embeddings: move images 0..9 onto the centre of cluster 3.
+    batch = {"row_ids": row_ids[:10]}
+    moved = torch.nn.functional.normalize(centers[3].expand(10, -1) + 0.01 * feats[:10], dim=-1)
+    nearest = (moved @ recipe.centroids.T).argmax(dim=1)
+    assert len(set(nearest.tolist())) == 1  # all in one cluster now
+    assert torch.equal(recipe.pseudo_labels(moved, batch, ctx), nearest)
+    fixed = torch.tensor([recipe.assignment[r] for r in batch["row_ids"]])
+    assert not torch.equal(fixed, nearest)  # the per-epoch labels would have said otherwise
+    # The loss is weight x CE(head(embedding), nearest centroid).
+    loss = recipe.extra_losses({"image_features": moved}, batch, ctx)["loss_cluster"]
+    expected = 5.0 * torch.nn.functional.cross_entropy(head(moved), nearest)
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert head.weight.grad is not None and recipe.parameters_outside_model() == list(head.parameters())
+    ctx.optimizer.step()
+    assert ctx.optimizer.state[head.weight]  # the model's optimizer stepped the head
+    # At the epoch's end the head leaves the optimizer: the checkpoint fits a fresh model optimizer.
+    recipe.on_epoch_end(ctx)
+    assert len(ctx.optimizer.param_groups) == model_groups and head.weight not in ctx.optimizer.state
+    from clip_backdoor.train.optim import build_optimizer
+
+    build_optimizer(ctx.model, lr=1e-3, weight_decay=0.1).load_state_dict(ctx.optimizer.state_dict())
+
+
+def test_deep_clustering_resume_is_exact(pretrained, tmp_path):
+    class KilledClustering(cleaning.DeepClustering):
+        def on_epoch_start(self, ctx):
+            if ctx.epoch == 2:
+                raise KeyboardInterrupt
+            super().on_epoch_start(ctx)
+
+    params = {"clusters": 4, "iterations": 3}
+    ckpt = str(pretrained / "checkpoints" / "latest.pt")
+
+    def cfg(run):
+        base = cfg_for(tmp_path / run, "epochs=2", "eval.every=0", f"init_checkpoint={ckpt}")
+        return cleaning.build_recipe("deep-clustering", params).apply_to_config(base)
+
+    train(cfg("full"), cleaning.build_recipe("deep-clustering", params))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("cut"), KilledClustering(**params))
+    train(cfg("cut"), cleaning.build_recipe("deep-clustering", params))
+    assert comparable(metrics(tmp_path / "full")) == comparable(metrics(tmp_path / "cut"))
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert len(a["optimizer"]["param_groups"]) == 2  # no head group left in the checkpoint
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
@@ -291,3 +369,39 @@ def test_config_yaml_records_the_launch_and_loads_again(tmp_path):
     assert again.batch_size == 64
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert (row["batch_size"], row["batch_size_per_rank"], row["world_size"]) == (64, 64, 1)
+
+
+def test_resume_with_other_epochs_is_an_explicit_choice(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tmp_path / "r", "epochs=3", "eval.every=0"), KilledAt(2))
+    with pytest.raises(UserError, match=r"epochs: the checkpoint .*latest.pt was trained for epochs=3, this run "
+                                        r"asks for 5, which changes the cosine schedule"):
+        train(cfg_for(tmp_path / "r", "epochs=5", "eval.every=0"))
+    assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), "--epochs", "5", "eval.every=0", *SMALL]) == 2
+    row = train(cfg_for(tmp_path / "r", "epochs=5", "eval.every=0", "allow_epochs_change=true"))
+    assert row["epoch"] == 5 and row["step"] == 20
+
+
+def test_cleaning_draws_its_own_views_not_the_pretraining_ones(pretrained):
+    """Same training seed and row ids: a cleaning run's EDA captions and image draws are fresh."""
+    from clip_backdoor.train.distributed import DistEnv
+    from clip_backdoor.train.loop import build_loader, step_seed, view_seed
+
+    ckpt = str(pretrained / "checkpoints" / "latest.pt")
+    pre = cfg_for(pretrained, "objective.ssl_weight=1")
+    clean = cfg_for(pretrained, "objective.ssl_weight=1", f"init_checkpoint={ckpt}")
+    assert view_seed(pre) == pre.seed and view_seed(clean) != pre.seed
+    assert view_seed(clean) == view_seed(cfg_for(pretrained, f"init_checkpoint={ckpt}", "optim.lr=1"))
+    assert step_seed(view_seed(pre), 0) != step_seed(view_seed(clean), 0)
+
+    def augmented_texts(cfg):
+        loader = build_loader(cfg, image_size=32, context_length=16, env=DistEnv(), with_text_view=True)
+        loader.set_epoch(1)
+        batch = next(iter(loader))
+        return dict(zip(batch["row_ids"], batch["texts_aug"], strict=True))
+
+    a, b = augmented_texts(pre), augmented_texts(clean)
+    same_rows = sorted(set(a) & set(b))
+    assert same_rows
+    differ = sum(not torch.equal(a[r], b[r]) for r in same_rows)
+    assert differ > len(same_rows) // 4, (differ, len(same_rows))

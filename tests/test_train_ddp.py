@@ -64,3 +64,43 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     ddp_loss = ddp_row["loss"]
     single_loss = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     assert ddp_loss == pytest.approx(single_loss, rel=1e-5)
+
+
+def _clean_worker(rank, port, run_dir, init):
+    from clip_backdoor import cleaning
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    train(*_clustering(run_dir, init, cleaning))
+
+
+def _clustering(run_dir, init, cleaning):
+    """Deep clustering (reference variant) without the SSL term: per-rank views would differ from the
+    single process's. The head is outside the DDP module, in the main optimizer: its gradients are
+    averaged by hand, and the k-means sees every rank's embeddings in row-id order."""
+    params = {"clusters": 4, "iterations": 3, "ssl_weight": 0.0}
+    cfg = load_config(TrainConfig, None, [
+        f"run_dir={run_dir}", f"init_checkpoint={init}", "batch_size=32", "epochs=1", "data.num_samples=128",
+        "data.workers=0", "eval.every=0", "optim.warmup_steps=1", "optim.lr=1e-3", "threads=1", "save_every=0",
+        "data.world.image_size=32", "optim.eps=1e-4"])
+    recipe = cleaning.build_recipe("deep-clustering", params)
+    return recipe.apply_to_config(cfg), recipe
+
+
+def test_deep_clustering_head_under_two_process_ddp_matches_single_process(tmp_path):
+    from clip_backdoor import cleaning
+
+    model_path = tmp_path / "vit-tiny.json"
+    model_path.write_text(json.dumps(VIT))
+    train(_config(tmp_path / "pre", model_path, batch_size=32))
+    init = str(tmp_path / "pre" / "checkpoints" / "latest.pt")
+    mp.spawn(_clean_worker, args=(_free_port(), str(tmp_path / "ddp"), init), nprocs=2, join=True)
+    train(*_clustering(tmp_path / "single", init, cleaning))
+
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")
+    single = load_checkpoint(tmp_path / "single" / "checkpoints" / "latest.pt")
+    for key, value in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    rows = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("ddp", "single")]
+    assert rows[0]["loss_cluster"] == pytest.approx(rows[1]["loss_cluster"], rel=1e-5)
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)

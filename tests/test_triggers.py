@@ -277,7 +277,8 @@ def test_string_parameters_from_the_command_line_are_typed():
     assert get_trigger("badnet", size="auto").size is None
     assert get_trigger("blended", alpha="0.5").alpha == 0.5
     assert get_trigger("sig", alpha=1).params["alpha"] == 1.0
-    assert trigger_defaults("wanet") == {"k": 4, "s": 0.5, "grid_seed": 0, "grid_rescale": 1.0}
+    # the paper's fork: k = the image side (224 at 224 px), s = 0.6 (vsahil/attack-cleanclip backdoor/utils.py)
+    assert trigger_defaults("wanet") == {"k": None, "s": 0.6, "grid_seed": 0, "grid_rescale": 1.0}
     # params are JSON-able and rebuild the same trigger
     rebuilt = get_trigger(trigger.name, **trigger.params)
     assert rebuilt == trigger

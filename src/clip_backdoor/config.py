@@ -52,6 +52,7 @@ class EvalConfig:
     trigger_params: dict = field(default_factory=dict)
     seed: int = 0  # test-time trigger seed: a checkpoint's ASR is repeatable
     every: int = 1  # evaluate every N epochs (0 = never during training)
+    epochs: list = field(default_factory=list)  # ... and after each of these epochs too
     batch_size: int = 256
     workers: int = 0
 
@@ -101,7 +102,11 @@ class TrainConfig:
     seed: int = 0  # training seed: init, data order, augmentations (poison seed lives elsewhere)
     eval_at_start: bool = False  # evaluate before the first step (epoch 0 of a cleaning run)
     save_every: int = 1  # also keep checkpoints/epoch_N.pt every K epochs (0 = latest.pt only)
+    save_epochs: list = field(default_factory=list)  # ... and after each of these epochs (e.g. to clean from)
     resume: bool = True  # continue from run_dir/checkpoints/latest.pt when present
+    # Resuming with another `epochs` changes the cosine schedule of the remaining steps: an error
+    # unless this is set (the schedule of the new count is then used from the resume point on).
+    allow_epochs_change: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

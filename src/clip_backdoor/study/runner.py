@@ -36,6 +36,7 @@ from typing import Any
 from clip_backdoor.config import TrainConfig, to_dict
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_json
+from clip_backdoor.study.select import COLUMNS
 from clip_backdoor.study.spec import (
     MANIFEST,
     DataStage,
@@ -50,12 +51,12 @@ from clip_backdoor.study.spec import (
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "epoch", "step", "acc1", "acc5", "asr1",
-                  "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run")
+RESULT_COLUMNS = COLUMNS  # one schema, defined beside the code that reads it
 METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):-1]
 FINISHED = "finished.json"
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
-VOLATILE_KEYS = ("threads", "device", "resume", "data.workers", "eval.workers", "eval.batch_size")
+VOLATILE_KEYS = ("threads", "device", "resume", "allow_epochs_change", "data.workers", "eval.workers",
+                 "eval.batch_size")
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +525,8 @@ def results_rows(plan: StudyPlan) -> list[dict[str, str]]:
             continue
         for metrics in read_jsonl(path):
             row = {"seed": str(run.seed), "stage": run.stage, "pretrain": run.pretrain,
-                   "method": run.method or "", "lr": _cell(run.lr), "k": _cell(run.k)}
+                   "method": run.method or "", "lr": _cell(run.lr), "k": _cell(run.k),
+                   "start_epoch": _cell(run.start_epoch)}
             row.update({key: _cell(metrics.get(key)) for key in METRIC_COLUMNS})
             row["run"] = run.name
             rows.append(row)

@@ -33,9 +33,12 @@ from pathlib import Path
 
 from clip_backdoor.errors import UserError
 
-COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "epoch", "step", "acc1", "acc5", "asr1",
-           "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run")
-INT_COLUMNS = frozenset({"seed", "k", "epoch", "step", "n", "n_asr"})
+# results.csv, one row per evaluated (run, epoch). start_epoch: the pre-training epoch a cleaning run
+# starts from; init: "transformed" on the epoch-0 row of a method that changes the weights before its
+# first step (shrink-perturb), so that row is not the poisoned model.
+COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "start_epoch", "epoch", "step", "init", "acc1",
+           "acc5", "asr1", "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run")
+INT_COLUMNS = frozenset({"seed", "k", "start_epoch", "epoch", "step", "n", "n_asr"})
 FLOAT_COLUMNS = frozenset({"lr", "acc1", "acc5", "asr1", "asr5", "ra1", "loss", "loss_mmcl", "loss_ssl"})
 REQUIRED_COLUMNS = ("stage", "pretrain", "epoch")
 METRICS = ("acc1", "acc5", "asr1", "asr5", "ra1")
@@ -256,25 +259,37 @@ def sort_group_keys(keys: Iterable[tuple]) -> list[tuple]:
 def poisoned_models(rows: Sequence[dict]) -> dict[tuple, dict]:
     """(seed, pretrain) -> the poisoned model's metrics and where they came from.
 
-    The epoch-0 row of a cleaning run is the poisoned checkpoint evaluated exactly as the cleaned
-    ones are; without any, the pre-training run's last evaluated epoch stands in.
+    The baseline is always the *unmodified* poisoned checkpoint the cleaning runs start from:
+    1. the pre-training run's evaluation at that epoch (``start_epoch`` of its cleaning rows; without
+       cleaning rows, or without the column, its last evaluated epoch);
+    2. else an epoch-0 row of a cleaning run that did not change the weights before its first step
+       (never ``init: transformed``: shrink-perturb's epoch 0 is the shrunk model).
     """
     rows = typed_rows(rows)
-    found: dict[tuple, dict] = {}
-    epoch0 = sorted((r for r in clean_rows(rows) if r["epoch"] == 0 and finite(r.get("acc1")) is not None),
+    start: dict[tuple, int] = {}
+    for r in clean_rows(rows):
+        if r.get("start_epoch") is not None:
+            start.setdefault((r["seed"], r["pretrain"]), r["start_epoch"])
+    pretrain: dict[tuple, dict] = {}
+    for r in rows:
+        if r["stage"] != "pretrain" or finite(r.get("acc1")) is None:
+            continue
+        key = (r["seed"], r["pretrain"])
+        wanted = start.get(key)
+        if wanted is not None:
+            if r["epoch"] == wanted:
+                pretrain[key] = r
+        elif key not in pretrain or r["epoch"] > pretrain[key]["epoch"]:
+            pretrain[key] = r
+    found = {key: {**{m: r.get(m) for m in METRICS}, "source": f"pretrain epoch {r['epoch']}"}
+             for key, r in pretrain.items()}
+    epoch0 = sorted((r for r in clean_rows(rows) if r["epoch"] == 0 and r.get("init") != "transformed"
+                     and finite(r.get("acc1")) is not None),
                     key=lambda r: (str(r.get("run") or ""), method_key(r.get("method") or ""),
                                    r.get("k") or 0, r.get("lr") or 0.0))
     for r in epoch0:
         found.setdefault((r["seed"], r["pretrain"]), {**{m: r.get(m) for m in METRICS},
                                                       "source": "clean epoch 0"})
-    last_pretrain: dict[tuple, dict] = {}
-    for r in rows:
-        if r["stage"] == "pretrain" and finite(r.get("acc1")) is not None:
-            key = (r["seed"], r["pretrain"])
-            if key not in last_pretrain or r["epoch"] > last_pretrain[key]["epoch"]:
-                last_pretrain[key] = r
-    for key, r in last_pretrain.items():
-        found.setdefault(key, {**{m: r.get(m) for m in METRICS}, "source": f"pretrain epoch {r['epoch']}"})
     return found
 
 

@@ -100,6 +100,9 @@ class PretrainSpec:
     image_policy: str = "imagenet"
     eval_every: int = 1  # evaluate every N epochs (and the last)
     save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (latest.pt always)
+    # Cleaning runs start from this pre-training epoch's checkpoint (None: the last epoch). The
+    # pre-training then also saves and evaluates that epoch; its evaluation is the poisoned baseline.
+    clean_from: int | None = None
     # pre-training defences, each run for every objective and seed next to the undefended run:
     # safeclip | roclip | {name, params, label}, or {name: filter, params: {detector, budget}}
     # (filter-then-retrain: drop the top-scored pairs of the undefended run's detection, pre-train again)
@@ -111,7 +114,8 @@ class CleaningSpec:
     size: int = 1000  # pairs in the cleaning set
     pick: str = "tail"  # tail (the last rows) | random (seeded by `seed`)
     seed: int = 0  # the cleaning-set draw (pick: random)
-    # names, or {name, params, label, lrs, k}: lrs/k override the grid for that method only
+    # names, or {name, params, label, lrs, k, batch_size}: lrs/k/batch_size override the grid for that
+    # method only (the reference cleans MMCL-only at batch 128, the SSL methods at 64)
     methods: list = field(default_factory=lambda: ["cleanclip", "mmcl", "ssl"])
     lrs: list = field(default_factory=lambda: [1e-5])
     epochs: int = 10
@@ -185,6 +189,7 @@ class Method:
     label: str
     lrs: tuple[float, ...]
     ks: tuple[int, ...]
+    batch_size: int | None = None  # None: cleaning.batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +415,11 @@ def _check_pretrain_settings(p: PretrainSpec, where: str) -> None:
     _integer(p.warmup_steps, f"{where}.warmup_steps")
     _integer(p.eval_every, f"{where}.eval_every")
     _integer(p.save_every, f"{where}.save_every")
+    if p.clean_from is not None:
+        _integer(p.clean_from, f"{where}.clean_from", 1)
+        if p.clean_from > p.epochs:
+            raise UserError(f"{where}.clean_from: epoch {p.clean_from} is past the pre-training's {p.epochs} "
+                            "epochs, so no such checkpoint is ever saved")
     if p.lr <= 0:
         raise UserError(f"{where}.lr: {p.lr!r} must be > 0")
     _choice(p.precision, PRECISIONS, f"{where}.precision")
@@ -565,8 +575,8 @@ def methods(c: CleaningSpec) -> list[Method]:
     out = []  # an empty list: a pre-training-only study (e.g. of defences)
     for i, entry in enumerate(c.methods):
         where = f"cleaning.methods[{i}]"
-        entry = _named_entry(entry, where, "a method name or {name, params, label, lrs, k}")
-        valid = ("name", "params", "label", "lrs", "k")
+        entry = _named_entry(entry, where, "a method name or {name, params, label, lrs, k, batch_size}")
+        valid = ("name", "params", "label", "lrs", "k", "batch_size")
         for key in entry:
             if key not in valid:
                 raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(valid)})")
@@ -584,7 +594,8 @@ def methods(c: CleaningSpec) -> list[Method]:
             raise UserError(f"{where}.label: {label!r} must be a word usable as a directory name")
         lrs = _lrs(entry["lrs"], f"{where}.lrs") if "lrs" in entry else tuple(c.lrs)
         ks = _ks(entry["k"], f"{where}.k", c.size) if "k" in entry else tuple(c.k)
-        out.append(Method(name, dict(recipe.params), label, lrs, ks))
+        batch = _integer(entry["batch_size"], f"{where}.batch_size", 1) if "batch_size" in entry else None
+        out.append(Method(name, dict(recipe.params), label, lrs, ks, batch))
     _unique([m.label for m in out], "cleaning.methods (labels)")
     return out
 
@@ -609,6 +620,7 @@ class Run:
     k: int | None  # poisons in the cleaning set (clean runs)
     cfg: TrainConfig
     depends_on: str | None = None  # the pre-training run a cleaning (or filtered) run starts from
+    start_epoch: int | None = None  # the pre-training epoch whose checkpoint a cleaning run starts from
     # data steps outside the training loop (clip_backdoor.study.steps): "filter" makes the filtered
     # manifest before training, "detect" scores the run's training pairs after it
     before: dict | None = None
@@ -718,7 +730,8 @@ def expand(spec: StudySpec, root: str | Path) -> StudyPlan:
                     for k in method.ks:
                         name = clean_name(objective, seed, method.label, lr, k)
                         cfg = _clean_config(spec, root, objective, method, lr, k, seed)
-                        runs.append(Run(name, "clean", seed, objective, method.label, lr, k, cfg, parent))
+                        runs.append(Run(name, "clean", seed, objective, method.label, lr, k, cfg, parent,
+                                        start_epoch(spec.pretrain, objective)))
     cleaning_sets = [DataStage(cleaning_set_name(k), k) for k in ks]
     return StudyPlan(spec, root, DataStage(POISON_DIR, None), cleaning_sets, runs)
 
@@ -737,11 +750,26 @@ def _eval_config(spec: StudySpec, every: int) -> EvalConfig:
                       batch_size=e.batch_size)
 
 
+def start_epoch(pretrain: PretrainSpec, objective: str) -> int:
+    """The pre-training epoch the cleaning runs of ``objective`` start from."""
+    p = pretrain_objectives(pretrain)[objective]
+    return p.clean_from if p.clean_from is not None else p.epochs
+
+
+def _start_checkpoint(spec: StudySpec, root: Path, objective: str, seed: int) -> Path:
+    p = pretrain_objectives(spec.pretrain)[objective]
+    folder = root / pretrain_name(objective, seed) / "checkpoints"
+    return folder / (f"epoch_{p.clean_from}.pt" if p.clean_from is not None else "latest.pt")
+
+
 def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
                      defense: Defense | None = None) -> TrainConfig:
     p = pretrain_objectives(spec.pretrain)[objective]
     l1, l2 = OBJECTIVES[objective]
     l2 *= float(p.ssl_weight)  # scales an SSL term where the objective has one; mmcl stays 0
+    eval_cfg = _eval_config(spec, p.eval_every)
+    also = [p.clean_from] if p.clean_from is not None else []
+    eval_cfg.epochs = list(also)
     name, manifest = objective, root / POISON_DIR / MANIFEST
     if defense is not None:
         name = defended_name(objective, defense.label)
@@ -750,8 +778,8 @@ def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
     cfg = TrainConfig(
         run_dir=str(root / pretrain_name(name, seed)), model=p.model, epochs=p.epochs,
         batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
-        seed=seed, save_every=p.save_every, data=_data_config(spec, manifest),
-        eval=_eval_config(spec, p.eval_every),
+        seed=seed, save_every=p.save_every, save_epochs=list(also),
+        data=_data_config(spec, manifest), eval=eval_cfg,
         objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),
         optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
                           grad_clip=p.grad_clip))
@@ -793,8 +821,8 @@ def _clean_config(spec: StudySpec, root: Path, objective: str, method: Method, l
         data = dataclasses.replace(_data_config(spec, set_dir / MANIFEST), cache=False)
     cfg = TrainConfig(
         run_dir=str(root / clean_name(objective, seed, method.label, lr, k)), model=p.model,
-        init_checkpoint=str(root / pretrain_name(objective, seed) / "checkpoints" / "latest.pt"),
-        optimizer_state=c.optimizer_state, epochs=c.epochs, batch_size=c.batch_size,
+        init_checkpoint=str(_start_checkpoint(spec, root, objective, seed)),
+        optimizer_state=c.optimizer_state, epochs=c.epochs, batch_size=method.batch_size or c.batch_size,
         precision=c.precision or p.precision, device=spec.run.device, threads=spec.run.threads, seed=seed,
         eval_at_start=True, save_every=0, data=data, eval=_eval_config(spec, 1),
         objective=ObjectiveConfig(eda=p.eda),

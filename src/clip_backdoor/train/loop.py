@@ -12,6 +12,7 @@ epochs k+1.. exactly like an uninterrupted run (same thread count).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import sys
@@ -47,6 +48,7 @@ class RunContext:
     model: torch.nn.Module  # possibly DDP-wrapped; use unwrap(model) for the bare CLIP
     loader: Any
     objective: Objective
+    optimizer: torch.optim.Optimizer | None = None  # the model's (a recipe may add a param group to it)
     epoch: int = 0
     step: int = 0
     extra: dict = field(default_factory=dict)
@@ -58,6 +60,9 @@ class Recipe:
 
     name: str | None = None
     params: dict = {}
+    # True when prepare_model changes the weights (shrink-perturb): epoch 0 is then not the starting
+    # checkpoint, and its metrics row says so (``init: transformed``), so nobody takes it as the baseline.
+    transforms_weights: bool = False
 
     def prepare_model(self, model: torch.nn.Module, ctx: RunContext) -> None:
         """Called once on a fresh start (never on resume), before the optimizer is built."""
@@ -65,12 +70,21 @@ class Recipe:
     def on_epoch_start(self, ctx: RunContext) -> None:
         """Called before each training epoch (e.g. recompute pseudo-labels)."""
 
+    def on_epoch_end(self, ctx: RunContext) -> None:
+        """Called after each training epoch, before evaluation and the checkpoint (e.g. to take a
+        per-epoch param group out of the optimizer, so the checkpoint's optimizer fits a fresh one)."""
+
     def extra_losses(self, outputs: dict, batch: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Additional weighted loss terms, {name: tensor}; summed into the loss and logged."""
         return {}
 
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         """Optimizers of the recipe's own parameters (e.g. a clustering head), stepped with the model's."""
+        return []
+
+    def parameters_outside_model(self) -> list[torch.nn.Parameter]:
+        """Recipe parameters stepped by the model's optimizer but not inside the (DDP-wrapped) model:
+        the loop averages their gradients over ranks by hand."""
         return []
 
     # -- pre-training defences (clip_backdoor.defenses): the loss, the views, the lr ------------
@@ -101,6 +115,16 @@ def resolve_device(name: str, env: D.DistEnv) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available (use device=cpu)")
     return torch.device(name)
+
+
+def view_seed(cfg: TrainConfig) -> int:
+    """The seed of a run's SSL views (EDA captions, image AutoAugment draws). A cleaning run (one that
+    starts from a checkpoint) draws its own fresh views, not a replay of its pre-training's, which has
+    the same training seed; pre-training keeps ``seed`` itself."""
+    if not cfg.init_checkpoint:
+        return cfg.seed
+    digest = hashlib.blake2b(f"clean-views|{cfg.seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -135,6 +159,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         from clip_backdoor.weights import load_checkpoint
 
         resume_ckpt = load_checkpoint(latest)
+        _check_epochs_unchanged(resume_ckpt, cfg, latest)
         if resume_ckpt["epoch"] >= cfg.epochs:
             lines = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
             log.info("%s is finished (epoch %d of %d); nothing to do", run_dir, resume_ckpt["epoch"],
@@ -170,6 +195,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     o = cfg.optim
     optimizer = build_optimizer(unwrap(model), lr=o.lr, weight_decay=o.weight_decay,
                                 betas=(o.beta1, o.beta2), eps=o.eps)
+    ctx.optimizer = optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     if resume_ckpt is None and init_ckpt is not None and cfg.optimizer_state == "inherit":
         _inherit_optimizer(optimizer, init_ckpt, o.weight_decay)
@@ -210,7 +236,9 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
 
     # Epoch 0: the starting point of a cleaning run, evaluated before any step.
     if start_epoch == 0 and cfg.eval_at_start:
-        row = {"epoch": 0, "step": 0, "logit_scale": unwrap(model).logit_scale.exp().item()}
+        row = {"epoch": 0, "step": 0, **_scale_fields(unwrap(model))}
+        if recipe.transforms_weights:
+            row["init"] = "transformed"
         row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
@@ -242,12 +270,13 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             for opt in [optimizer, *extra_opts]:
                 opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            _average_grads(recipe.parameters_outside_model(), env)  # DDP does not see them
             if o.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             scaler.step(optimizer)
             for opt in extra_opts:  # not DDP-wrapped: average their gradients by hand
-                _average_grads(opt, env)
+                _average_grads([p for g in opt.param_groups for p in g["params"]], env)
                 scaler.step(opt)
             scaler.update()
             unwrap(model).clamp_logit_scale()
@@ -259,16 +288,19 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             if env.is_main and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - t0
+        recipe.on_epoch_end(ctx)
 
         row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size,
                "batch_size_per_rank": batch_per_rank, "world_size": env.world_size}
-        row.update({k: v / steps_per_epoch for k, v in sums.items()})
-        row.update({"lr": lr, "logit_scale": unwrap(model).logit_scale.exp().item(),
+        # Averaged over ranks: gathered terms are equal on every rank; a recipe's local term (e.g. the
+        # clustering loss on each rank's slice) becomes its global-batch mean.
+        row.update({k: D.all_reduce_mean(v, env, device) / steps_per_epoch for k, v in sums.items()})
+        row.update({"lr": lr, **_scale_fields(unwrap(model)),
                     "samples_per_s": D.all_reduce_sum_int(n_seen, env, device) / seconds,
                     "seconds": seconds, "n_skipped": D.all_reduce_sum_int(n_skipped, env, device)})
         if row["n_skipped"]:
             log.warning("epoch %d: skipped %d unreadable samples", epoch, row["n_skipped"])
-        if cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
+        if (cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs)) or epoch in cfg.eval.epochs:
             row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
@@ -280,7 +312,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
                     "config": to_dict(cfg)}
-            if cfg.save_every and epoch % cfg.save_every == 0:
+            if (cfg.save_every and epoch % cfg.save_every == 0) or epoch in cfg.save_epochs:
                 save_checkpoint(checkpoint_dir(run_dir) / f"epoch_{epoch}.pt", ckpt)
             save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
         D.barrier(env)
@@ -297,6 +329,9 @@ def _build_model(cfg: TrainConfig, device: torch.device):
     from clip_backdoor.weights import model_from_checkpoint
 
     if cfg.init_checkpoint:
+        if not Path(cfg.init_checkpoint).is_file():
+            raise UserError(f"init_checkpoint {cfg.init_checkpoint}: no such file (the run starts from it; in a "
+                            "study, was that pre-training epoch saved? see pretrain.clean_from)")
         model, ckpt = model_from_checkpoint(cfg.init_checkpoint, device="cpu")
         return model.to(device), ckpt
     return create_model(cfg.model, seed=cfg.seed).to(device), None
@@ -324,7 +359,7 @@ def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env:
     if with_text_view:
         from clip_backdoor.data.augment import EDA
 
-        eda = EDA(mode=cfg.objective.eda, seed=cfg.seed, alpha=cfg.objective.eda_alpha)
+        eda = EDA(mode=cfg.objective.eda, seed=view_seed(cfg), alpha=cfg.objective.eda_alpha)
     return build_train_loader(source, image_size=image_size, context_length=context_length,
                               batch_size=batch_size or per_rank_batch(cfg.batch_size, env.world_size),
                               workers=cfg.data.workers, seed=cfg.seed, eda=eda,
@@ -394,7 +429,7 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     n = images.shape[0]
     if image_view is not None:
         # Originals and augmented views go through the model in one forward pass.
-        views = image_view(images, generator=step_seed(ctx.cfg.seed, ctx.step, ctx.env.rank))
+        views = image_view(images, generator=step_seed(view_seed(ctx.cfg), ctx.step, ctx.env.rank))
         images = torch.cat([images, views])
         texts = torch.cat([texts, batch["texts_aug"].to(device, non_blocking=True)])
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
@@ -413,16 +448,23 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     return losses
 
 
-def _average_grads(optimizer: torch.optim.Optimizer, env: D.DistEnv) -> None:
+def _scale_fields(model) -> dict[str, float]:
+    """The temperature, named unambiguously: ``logit_scale`` is the learned parameter (ln s, clamped to
+    [0, ln 100]); ``scale`` is s = exp(logit_scale), the factor on the cosine similarities (open_clip's
+    name). Until this was split, the log called s "logit_scale"."""
+    raw = float(model.logit_scale.detach())
+    return {"logit_scale": raw, "scale": math.exp(raw)}
+
+
+def _average_grads(params: list[torch.nn.Parameter], env: D.DistEnv) -> None:
     if not env.enabled:
         return
     import torch.distributed as dist
 
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(env.world_size)
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(env.world_size)
 
 
 def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
@@ -441,9 +483,22 @@ def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
                     "is NOT applied (this is the reference code's behaviour)", inherited, requested_wd)
 
 
+def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    """``epochs`` fixes the cosine schedule: resuming under another count would train the remaining
+    steps on a schedule neither run had, so it takes an explicit ``allow_epochs_change=true``."""
+    before = (ckpt.get("config") or {}).get("epochs")
+    if before is None or before == cfg.epochs or cfg.allow_epochs_change:
+        return
+    if ckpt["epoch"] >= cfg.epochs:  # already past the new end: reported as finished, nothing trains
+        return
+    raise UserError(f"epochs: the checkpoint {path} was trained for epochs={before}, this run asks for "
+                    f"{cfg.epochs}, which changes the cosine schedule of the remaining steps; rerun with "
+                    f"epochs={before}, start over (resume=false / --no-resume), or set allow_epochs_change=true")
+
+
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
     for key in sorted(set(old) | set(new)):
-        if key in ("resume", "epochs"):
+        if key in ("resume", "epochs", "allow_epochs_change"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
