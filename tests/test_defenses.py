@@ -337,3 +337,49 @@ def test_resume_is_exact_with_banks_and_pool(tmp_path, cls, params, epochs, kill
         assert x["ptr"] == y["ptr"] and torch.equal(x["bank"], y["bank"])
     del banks
     assert not math.isnan(full[-1]["loss"])
+
+
+# --------------------------------------------------------------------------------------------
+# Two gloo processes: the pool sees the global batch, as one process does
+# --------------------------------------------------------------------------------------------
+VIT = {"embed_dim": 32, "quick_gelu": True,
+       "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+       "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+ROCLIP_DDP = {"period": 1, "pool_size": 64, "augment": False}  # 64 = 2 global batches: nothing dropped
+
+
+def _ddp_config(run_dir, model_path):
+    cfg = load_config(TrainConfig, None, [
+        f"run_dir={run_dir}", f"model={model_path}", "batch_size=32", "epochs=1", "data.num_samples=128",
+        "data.workers=0", "eval.every=0", "optim.warmup_steps=1", "optim.lr=1e-3", "threads=1",
+        "save_every=0", "data.world.image_size=32", "optim.eps=1e-4"])
+    return RoCLIP(**ROCLIP_DDP).apply_to_config(cfg)
+
+
+def _ddp_worker(rank, port, run_dir, model_path):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    train(_ddp_config(run_dir, model_path), RoCLIP(**ROCLIP_DDP))
+
+
+def test_roclip_under_two_process_ddp_matches_one_process(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model_path = tmp_path / "vit.json"
+    model_path.write_text(json.dumps(VIT))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp"), str(model_path)), nprocs=2, join=True)
+    train(_ddp_config(tmp_path / "single", model_path), RoCLIP(**ROCLIP_DDP))
+    ddp, single = (load_checkpoint(tmp_path / n / "checkpoints" / "latest.pt") for n in ("ddp", "single"))
+    for key, value in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # the same captions in the pool (rank order permutes the rows of a global batch)
+    a, b = ddp["recipe"]["pool"]["bank"], single["recipe"]["pool"]["bank"]
+    torch.testing.assert_close(a[a[:, 0].argsort()], b[b[:, 0].argsort()], rtol=1e-4, atol=1e-5)

@@ -383,6 +383,9 @@ class RoCLIP(DefenseRecipe):
         out: dict[str, torch.Tensor] = {}
         if self.matches(ctx.epoch):
             out["loss_roclip"] = term = self.nn_clip_loss(u, v, s)
+            # The pool entries are constants, so nothing reaches the text tower; DDP needs every
+            # parameter in the graph, hence the reference's `0 * criterion(logits_text_per_image_zero)`.
+            term = term + 0.0 * contrastive_ce(s * u @ v.T)
         else:
             out["loss_mmcl"] = term = mmcl_loss(u, v, s)
         loss = objective.mmcl_weight * term
