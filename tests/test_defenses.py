@@ -283,7 +283,7 @@ def test_pretrain_command_bad_defense_input_is_one_line(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # Exact resume through the one loop, banks and pool included
 # --------------------------------------------------------------------------------------------
-SMALL = ["data.num_samples=192", "data.workers=0", "batch_size=48", "eval.every=0", "optim.warmup_steps=2",
+SMALL = ["data.num_samples=96", "data.workers=0", "batch_size=48", "eval.every=0", "optim.warmup_steps=2",
          "optim.lr=2e-3", "threads=1", "save_every=0"]
 
 
