@@ -17,7 +17,7 @@ from clip_backdoor.attacks import poison as P
 from clip_backdoor.attacks.manifest import PoisonedSource, read_manifest
 from clip_backdoor.attacks.triggers import apply_trigger_uint8, get_trigger, trigger_image
 from clip_backdoor.data.captions import CsvSource, WdsSource, make_source
-from clip_backdoor.data.transforms import to_tensor_uint8
+from clip_backdoor.data.transforms import squash, to_tensor_uint8
 from clip_backdoor.errors import UserError
 
 SIZE = 32
@@ -80,7 +80,11 @@ def csv_dataset(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def test_derived_seeds_are_stable_and_distinct():
-    assert P.derive_seed(0, "trigger", "17") == P.derive_seed(0, "trigger", "17")
+    # Pinned: a manifest's rows were chosen, captioned and triggered with these seeds, so they must not
+    # change between processes (no str hash()) or versions.
+    assert P.derive_seed(0, "trigger", "17") == 9110843459983170463
+    assert P.derive_seed(3, "select", "0") == 8008697182029135205
+    assert P.derive_seed(1, "caption", "train/row 5") == 5867793393135988980
     keys = ("1", "17", "171")
     seeds = {P.derive_seed(s, p, k) for s in (0, 1) for p in ("trigger", "select") for k in keys}
     assert len(seeds) == 12
@@ -234,6 +238,22 @@ def test_fraction_and_label_consistent(tmp_path):
 # CSV and WebDataset sources
 # --------------------------------------------------------------------------------------------
 
+def assert_on_the_fly_matches_written(base, manifest_dir: Path, written_dir: Path, written_images: dict,
+                                      image_size: int) -> None:
+    """A manifest-only dataset read through ``PoisonedSource`` has the written dataset's rows, captions,
+    seeds and pixels (``written_images``: the written dataset's images by its row id)."""
+    on_the_fly = {r.source_key: r for r in manifest_rows(manifest_dir)}
+    written = {r.source_key: r for r in manifest_rows(written_dir)}
+    seen = set()
+    for sample in PoisonedSource(base, manifest_dir / "manifest.csv", image_size=image_size):
+        r = written[sample.row_id]
+        assert sample.is_poison == r.is_poison and sample.caption == r.caption
+        assert on_the_fly[sample.row_id].seed == r.seed
+        assert torch.equal(to_tensor_uint8(sample.image), written_images[r.row_id]), sample.row_id
+        seen.add(sample.row_id)
+    assert seen == set(written) and sum(r.is_poison for r in written.values()) > 0
+
+
 def test_csv_source_clean_images_are_copied_byte_for_byte(csv_dataset, tmp_path):
     out = tmp_path / "csv_out"
     assert run(["--source-kind", "csv", "--source", str(csv_dataset), "--image-size", "16", "--n", "10",
@@ -244,15 +264,30 @@ def test_csv_source_clean_images_are_copied_byte_for_byte(csv_dataset, tmp_path)
     assert not {r.source_key for r in rows} & {"5", "6", "7"}
     with open(out / "train.csv", newline="") as f:
         written = list(csv.DictReader(f))
+    trigger = get_trigger("patch", size=3)
     for r, line in zip(rows, written):
         assert line["is_poison"] == str(int(r.is_poison)) and line["caption"] == r.caption
         original = csv_dataset.parent / f"img/{r.source_key}.jpg"
         if r.is_poison:
             assert line["image"].endswith(".png")
-            assert png(out / line["image"]).shape == (3, 16, 16)
-            assert "banana" in r.caption
+            stored = png(out / line["image"])
+            assert "banana" in r.caption and r.seed == P.derive_seed(0, "trigger", r.source_key)
+            # This row's own image, squashed to 16 px, with the trigger drawn from the recorded seed.
+            clean = squash(Image.open(original), 16)
+            changed = (stored != clean).any(dim=0)
+            assert 0 < changed.sum() <= 9  # a 3x3 patch, nothing else touched
+            expected = apply_trigger_uint8(clean, trigger, torch.Generator().manual_seed(r.seed))
+            assert torch.equal(stored, expected)
         else:
             assert (out / line["image"]).read_bytes() == original.read_bytes()
+
+    # Manifest-only poisoning of the same source gives the same pixels on the fly.
+    manifest_only = tmp_path / "csv_manifest"
+    assert run(["--source-kind", "csv", "--source", str(csv_dataset), "--image-size", "16", "--n", "10",
+                "--trigger", "patch", "--trigger-param", "size=3", "--format", "manifest",
+                "--out", str(manifest_only)]) == 0
+    images = {str(i): png(out / line["image"]) for i, line in enumerate(written)}
+    assert_on_the_fly_matches_written(CsvSource(csv_dataset, shuffle=False), manifest_only, out, images, 16)
 
 
 def test_label_consistent_on_a_csv(csv_dataset, tmp_path):
@@ -288,6 +323,13 @@ def test_wds_round_trip(tmp_path):
         assert sample.is_poison == r.is_poison and sample.caption == r.caption
         if not r.is_poison:
             assert torch.equal(to_tensor_uint8(sample.image), world.world.train_pair(int(r.source_key))[0])
+
+    manifest_only = tmp_path / "wds_manifest"
+    assert run(["--source-kind", "wds", "--source", shards.entry, "--image-size", str(SIZE), "--n", "6",
+                "--format", "manifest", "--out", str(manifest_only)]) == 0
+    images = {s.row_id: to_tensor_uint8(s.image) for s in read_back}
+    assert_on_the_fly_matches_written(WdsSource(shards.entry, shuffle=False), manifest_only, out, images,
+                                      SIZE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -85,6 +86,12 @@ def test_every_file_is_written(full_report):
     for name in FIGURE_NAMES:
         with Image.open(out / f"{name}.png") as image:
             assert image.width > 600 and image.height > 300
+            pixels = np.asarray(image.convert("RGB")).astype(np.int32)
+        # Not blank: varied pixels, many colours, and some of them far from grey (the methods' colours).
+        assert pixels.std() > 10, name
+        assert len(np.unique(pixels @ np.array([65536, 256, 1]))) > 100, name  # distinct colours
+        coloured = (pixels.max(axis=-1) - pixels.min(axis=-1)) > 60
+        assert coloured.mean() > 0.001, (name, coloured.mean())
         svg = (out / f"{name}.svg").read_text()
         assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "<dc:date>" not in svg
     for name in ("headline.md", "selection.md", "runs.md", "selection.csv", "selection_per_seed.csv",

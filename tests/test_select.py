@@ -65,9 +65,11 @@ def test_read_results_types_and_empty_cells(tmp_path):
     path = tmp_path / "results.csv"
     write_csv(path, COLUMNS, [
         line_of(seed="0", stage="pretrain", pretrain="mmcl", epoch="3", step="300", acc1="0.25", acc5="0.5",
-                asr1="0.9", asr5="0.95", n="100", n_asr="90", loss="1.5", loss_mmcl="1.5", run="pretrain/mmcl"),
+                asr1="0.9", asr5="0.95", n="100", n_asr="90", loss="1.5", loss_mmcl="1.5",
+                run="pretrain/mmcl"),
         line_of(seed="1", stage="clean", pretrain="mmcl+ssl", method="cleanclip", lr="0.0003", k="5",
-                start_epoch="21", epoch="0", step="0", init="transformed", acc1="0.2", asr1="nan", run="clean/x"),
+                start_epoch="21", epoch="0", step="0", init="transformed", acc1="0.2", asr1="nan",
+                run="clean/x"),
     ])
     a, b = read_results(path)
     assert a["seed"] == 0 and a["epoch"] == 3 and a["step"] == 300 and a["n"] == 100
@@ -87,8 +89,8 @@ def test_read_results_missing_metric_columns_and_extra_columns(tmp_path):
 
 
 @pytest.mark.parametrize("header, line, message", [
-    (COLUMNS, line_of(seed="0", stage="clean", pretrain="mmcl", method="cleanclip", lr="fast", k="0", epoch="1"),
-     "line 2, column 'lr'"),
+    (COLUMNS, line_of(seed="0", stage="clean", pretrain="mmcl", method="cleanclip", lr="fast", k="0",
+                      epoch="1"), "line 2, column 'lr'"),
     (COLUMNS, line_of(seed="0", stage="clean", pretrain="mmcl", method="cleanclip", lr="1e-4", k="0.5",
                       epoch="1"), "column 'k'"),
     (["stage", "pretrain", "epoch", "acc1"], ["clean", "mmcl", "1", "42.5"], "'acc1': 42.5 is not a"),

@@ -306,6 +306,20 @@ def test_devices_reach_the_worker_runs(tmp_path, caplog):
     assert "pretrain/mmcl,seed=0: device 'cuda:0' requested but CUDA is not available" in caplog.text
 
 
+def test_each_worker_gets_its_own_device(tmp_path, monkeypatch):
+    """--devices a,b: two runs held at once by two workers get the two devices (the devices are fake:
+    training is replaced by a note of the device each run was handed)."""
+    from _study_helpers import DEVICE_FILE, execute_noting_the_device
+
+    monkeypatch.setattr(runner, "execute", execute_noting_the_device)
+    path = write_study(tmp_path, tiny(seeds=[0, 1]))
+    assert cli(["study", "run", str(path), "--out", str(tmp_path / "s"), "--devices", "cuda:0,cuda:1",
+                "--only", "pretrain"]) == 0
+    devices = {run: (tmp_path / "s" / "pretrain" / run / DEVICE_FILE).read_text()
+               for run in ("mmcl,seed=0", "mmcl,seed=1")}
+    assert sorted(devices.values()) == ["cuda:0", "cuda:1"], devices
+
+
 def test_list_takes_overrides_after_options(tmp_path, capsys):
     path = write_study(tmp_path, tiny())
     assert cli(["study", "list", str(path), "--out", str(tmp_path / "o"), "seeds=[0,7]"]) == 0
@@ -319,7 +333,8 @@ def test_list_takes_overrides_after_options(tmp_path, capsys):
 # Cleaning from an intermediate pre-training epoch; the poisoned baseline
 # --------------------------------------------------------------------------------------------
 def test_clean_from_past_the_pretraining_names_the_key(tmp_path):
-    message = error_of(tmp_path, tiny(pretrain={"epochs": 3, "objectives": [{"name": "mmcl", "clean_from": 4}]}))
+    message = error_of(tmp_path, tiny(pretrain={"epochs": 3,
+                                                "objectives": [{"name": "mmcl", "clean_from": 4}]}))
     assert "pretrain.objectives[mmcl].clean_from: epoch 4 is past the pre-training's 3 epochs" in message
 
 
@@ -330,8 +345,8 @@ def test_shrink_perturb_alone_from_an_intermediate_epoch(tmp_path):
     from clip_backdoor.study.select import read_results as typed_results
 
     spec = parse_spec(tiny(pretrain={"epochs": 2, "objectives": [{"name": "mmcl", "clean_from": 1}]},
-                           cleaning={"methods": [{"name": "shrink-perturb", "params": {"shrink": 0.0, "perturb": 1.0},
-                                                   "k": [0]}],
+                           cleaning={"methods": [{"name": "shrink-perturb", "k": [0],
+                                                  "params": {"shrink": 0.0, "perturb": 1.0}}],
                                      "lrs": [1e-3]}))
     root = tmp_path / "s"
     assert runner.run_study(spec, root) == 0

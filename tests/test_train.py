@@ -1,16 +1,20 @@
 """The one training loop: learning, exact resume, cleaning from a checkpoint, failure modes, DDP."""
 
+import copy
 import json
 import logging
 import math
+from collections import Counter
 
 import pytest
 import torch
 import yaml
 
+from _train_helpers import CORRUPT, MISSING, counting_load, write_bad_csv
 from clip_backdoor import cleaning
 from clip_backdoor.cli import main as cli
 from clip_backdoor.config import TrainConfig, load_config
+from clip_backdoor.data.captions import CsvSource
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import read_jsonl
 from clip_backdoor.train.loop import Recipe, train
@@ -68,27 +72,59 @@ def test_loss_decreases_over_more_epochs(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-class KilledAt(Recipe):
-    """Simulates the process being killed when epoch ``epoch`` starts."""
+class Recorder(Recipe):
+    """Records the epochs a run starts and the global step of every training step it takes."""
 
-    def __init__(self, epoch):
-        self.epoch = epoch
+    def __init__(self):
+        self.epochs, self.steps = [], []
 
     def on_epoch_start(self, ctx):
-        if ctx.epoch == self.epoch:
+        self.epochs.append(ctx.epoch)
+
+    def extra_losses(self, outputs, batch, ctx):
+        self.steps.append(ctx.step)
+        return {}
+
+
+def kill_when_checkpointing(monkeypatch, epoch):
+    """Simulates the process being killed after epoch ``epoch``'s metrics line is written, while its
+    checkpoint is being saved (any torch.save of that epoch's checkpoint dies)."""
+    real_save = torch.save
+
+    def save(obj, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == epoch and "optimizer" in obj:
             raise KeyboardInterrupt
+        return real_save(obj, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
 
 
-def test_resume_is_exact(tmp_path):
-    train(cfg_for(tmp_path / "full", "epochs=3", "objective.ssl_weight=1"))
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(tmp_path / "cut", "epochs=3", "objective.ssl_weight=1"), KilledAt(2))
-    assert [r["epoch"] for r in metrics(tmp_path / "cut")] == [1]
-    train(cfg_for(tmp_path / "cut", "epochs=3", "objective.ssl_weight=1"))  # resumed
-    assert comparable(metrics(tmp_path / "full")) == comparable(metrics(tmp_path / "cut"))
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_resume_is_exact(tmp_path, monkeypatch, caplog):
+    args = ("epochs=3", "objective.ssl_weight=1", "data.num_samples=128", "batch_size=32", "eval.n=20",
+            "eval.every=3")
+    full = Recorder()
+    train(cfg_for(tmp_path / "full", *args), full)
+    assert full.epochs == [1, 2, 3] and full.steps == list(range(12))
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        kill_when_checkpointing(m, epoch=2)
+        train(cfg_for(cut, *args))
+    # Epoch 2 was logged but never checkpointed: its line must go, and training resumes after epoch 1.
+    assert [r["epoch"] for r in metrics(cut)] == [1, 2]
+    assert load_checkpoint(cut / "checkpoints" / "latest.pt")["epoch"] == 1
+
+    resumed = Recorder()
+    with caplog.at_level(logging.INFO, logger="clip_backdoor.train.loop"):
+        train(cfg_for(cut, *args), resumed)
+    assert f"resuming {cut} from epoch 1 (step 4)" in caplog.text
+    assert resumed.epochs == [2, 3] and resumed.steps == list(range(4, 12))  # nothing of epoch 1 redone
+    assert [r["epoch"] for r in metrics(cut)] == [1, 2, 3]
+    assert comparable(metrics(tmp_path / "full")) == comparable(metrics(cut))
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(cut / "checkpoints" / "latest.pt")
+    assert a["step"] == b["step"] == 12
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
 def test_resume_of_finished_run_says_so(pretrained, caplog):
@@ -140,19 +176,46 @@ def test_clean_mmcl_only_has_no_ssl_term(pretrained, tmp_path):
     assert "loss_ssl" not in metrics(tmp_path / "c")[-1]
 
 
-def test_optimizer_state_inherit_keeps_the_old_weight_decay(pretrained, tmp_path, caplog):
+def first_step_state(monkeypatch):
+    """The optimizer state the loop hands to its first AdamW step (filled in when that step runs)."""
+    seen = {}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        if not seen:
+            seen.update(copy.deepcopy(self.state_dict()))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def test_optimizer_state_inherit_keeps_the_adam_moments_and_weight_decay(pretrained, tmp_path, monkeypatch,
+                                                                          caplog):
     ckpt = str(pretrained / "checkpoints" / "latest.pt")
+    old = load_checkpoint(ckpt)["optimizer"]
+    assert old["state"] and all(s["step"].item() == 8 for s in old["state"].values())
+    argv = ["clean", "--checkpoint", ckpt, "--method", "mmcl", "--epochs", "1", "optim.weight_decay=5",
+            "eval.every=0", "eval_at_start=false", *SMALL]
+    seen = first_step_state(monkeypatch)
     with caplog.at_level(logging.WARNING):
-        assert cli(["clean", "--checkpoint", ckpt, "--method", "mmcl", "--optimizer-state", "inherit",
-                    "--run-dir", str(tmp_path / "i"), "--epochs", "1", "optim.weight_decay=5", "eval.every=0",
-                    *SMALL]) == 0
+        assert cli([*argv, "--optimizer-state", "inherit", "--run-dir", str(tmp_path / "i")]) == 0
     assert "is NOT applied" in caplog.text
+    # The first step sees the checkpoint's step count and moment tensors, exactly.
+    assert seen["state"].keys() == old["state"].keys()
+    for index, moments in old["state"].items():
+        assert seen["state"][index]["step"].item() == 8
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(seen["state"][index][name], moments[name]), (index, name)
     saved = load_checkpoint(tmp_path / "i" / "checkpoints" / "latest.pt")["optimizer"]
+    assert all(s["step"].item() == 8 + 4 for s in saved["state"].values())  # counting on from the old step
     assert sorted(g["weight_decay"] for g in saved["param_groups"]) == [0.0, 0.1]
 
-    assert cli(["clean", "--checkpoint", ckpt, "--method", "mmcl", "--run-dir", str(tmp_path / "f"),
-                "--epochs", "1", "optim.weight_decay=5", "eval.every=0", *SMALL]) == 0
+    seen.clear()
+    assert cli([*argv, "--run-dir", str(tmp_path / "f")]) == 0  # fresh (the default): no moments at all
+    assert seen["state"] == {}
     saved = load_checkpoint(tmp_path / "f" / "checkpoints" / "latest.pt")["optimizer"]
+    assert all(s["step"].item() == 4 for s in saved["state"].values())
     assert sorted(g["weight_decay"] for g in saved["param_groups"]) == [0.0, 5.0]
 
 
@@ -225,7 +288,8 @@ def _clustering_context(pretrained, monkeypatch, n_clusters=6):
     feats = torch.nn.functional.normalize(centers[torch.arange(len(row_ids)) % n_clusters] + noise, dim=-1)
     monkeypatch.setattr(cleaning, "embed_images", lambda *a: (row_ids, feats))
     ctx = RunContext(cfg=cfg, env=DistEnv(), device=torch.device("cpu"), model=model, loader=loader,
-                     objective=Objective(), optimizer=build_optimizer(model, lr=1e-3, weight_decay=0.1), epoch=1)
+                     objective=Objective(), optimizer=build_optimizer(model, lr=1e-3, weight_decay=0.1),
+                     epoch=1)
     return ctx, row_ids, feats, centers
 
 
@@ -316,6 +380,24 @@ def test_deep_clustering_resume_is_exact(pretrained, tmp_path):
     assert len(a["optimizer"]["param_groups"]) == 2  # no head group left in the checkpoint
 
 
+def test_bad_rows_are_counted_per_epoch_and_logged_five_times(tmp_path, monkeypatch, caplog):
+    path = write_bad_csv(tmp_path / "data")
+    reads = Counter()
+    monkeypatch.setattr(CsvSource, "load", counting_load(reads))
+    with caplog.at_level(logging.WARNING):
+        train(cfg_for(tmp_path / "r", "epochs=2", "data.kind=csv", f"data.path={path}", "batch_size=16",
+                      "eval.every=0", "save_every=0"))
+    rows = metrics(tmp_path / "r")
+    # 4 batches of 16 read all 64 rows once an epoch, so every bad row is seen, plus the bad rows drawn
+    # as replacements.
+    assert [r["n_skipped"] for r in rows] == [reads[1], reads[2]]
+    assert all(r["n_skipped"] >= len(MISSING) + len(CORRUPT) for r in rows)
+    named = [r for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert len(named) == 5  # of the 20-odd skips in this process
+    assert caplog.text.count("further unusable rows in this process are counted, not logged") == 1
+    assert f"epoch 2: skipped {rows[1]['n_skipped']} unreadable samples" in caplog.text
+
+
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     train(cfg_for(tmp_path / "b", "epochs=1", "precision=bf16", "eval.every=0"))
     assert metrics(tmp_path / "b")[0]["loss"] > 0
@@ -371,11 +453,12 @@ def test_config_yaml_records_the_launch_and_loads_again(tmp_path):
     assert (row["batch_size"], row["batch_size_per_rank"], row["world_size"]) == (64, 64, 1)
 
 
-def test_resume_with_other_epochs_is_an_explicit_choice(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(tmp_path / "r", "epochs=3", "eval.every=0"), KilledAt(2))
-    with pytest.raises(UserError, match=r"epochs: the checkpoint .*latest.pt was trained for epochs=3, this run "
-                                        r"asks for 5, which changes the cosine schedule"):
+def test_resume_with_other_epochs_is_an_explicit_choice(tmp_path, monkeypatch):
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        kill_when_checkpointing(m, 2)
+        train(cfg_for(tmp_path / "r", "epochs=3", "eval.every=0"))
+    with pytest.raises(UserError, match=r"epochs: the checkpoint .*latest.pt was trained for epochs=3, "
+                                        r"this run asks for 5, which changes the cosine schedule"):
         train(cfg_for(tmp_path / "r", "epochs=5", "eval.every=0"))
     assert cli(["pretrain", "--run-dir", str(tmp_path / "r"), "--epochs", "5", "eval.every=0", *SMALL]) == 2
     row = train(cfg_for(tmp_path / "r", "epochs=5", "eval.every=0", "allow_epochs_change=true"))

@@ -262,10 +262,12 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             losses = _forward_losses(model, batch, objective, image_view, recipe, ctx, device,
                                      autocast_dtype)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
+            bad_here = not torch.isfinite(loss)
+            if D.any_rank(bad_here, env, device):  # every rank stops together, none waits in DDP
                 good = latest if latest.exists() else None
-                raise UserError(f"loss became {loss.item()} at step {step} (epoch {epoch}); run stopped, "
-                                f"last good checkpoint: {good or 'none yet'}")
+                what = f"loss became {loss.item()}" if bad_here else "another rank's loss became non-finite"
+                raise UserError(f"{what} at step {step} (epoch {epoch}); run stopped, last good checkpoint: "
+                                f"{good or 'none yet'}")
             extra_opts = recipe.extra_optimizers()
             for opt in [optimizer, *extra_opts]:
                 opt.zero_grad(set_to_none=True)
@@ -300,7 +302,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                     "seconds": seconds, "n_skipped": D.all_reduce_sum_int(n_skipped, env, device)})
         if row["n_skipped"]:
             log.warning("epoch %d: skipped %d unreadable samples", epoch, row["n_skipped"])
-        if (cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs)) or epoch in cfg.eval.epochs:
+        periodic = cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs)
+        if periodic or epoch in cfg.eval.epochs:
             row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
@@ -330,8 +333,8 @@ def _build_model(cfg: TrainConfig, device: torch.device):
 
     if cfg.init_checkpoint:
         if not Path(cfg.init_checkpoint).is_file():
-            raise UserError(f"init_checkpoint {cfg.init_checkpoint}: no such file (the run starts from it; in a "
-                            "study, was that pre-training epoch saved? see pretrain.clean_from)")
+            raise UserError(f"init_checkpoint {cfg.init_checkpoint}: no such file (the run starts from "
+                            "it; in a study, was that pre-training epoch saved? see pretrain.clean_from)")
         model, ckpt = model_from_checkpoint(cfg.init_checkpoint, device="cpu")
         return model.to(device), ckpt
     return create_model(cfg.model, seed=cfg.seed).to(device), None
@@ -493,7 +496,8 @@ def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
         return
     raise UserError(f"epochs: the checkpoint {path} was trained for epochs={before}, this run asks for "
                     f"{cfg.epochs}, which changes the cosine schedule of the remaining steps; rerun with "
-                    f"epochs={before}, start over (resume=false / --no-resume), or set allow_epochs_change=true")
+                    f"epochs={before}, start over (resume=false / --no-resume), or set "
+                    "allow_epochs_change=true")
 
 
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
