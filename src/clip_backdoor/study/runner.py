@@ -269,6 +269,11 @@ def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True,
         _WORKER["run"] = "study"
 
 
+def _steps(run: Run) -> dict:
+    """``execute``'s data steps, passed only when a run has some (a plain run's call is unchanged)."""
+    return {"steps": (run.before, run.after)} if run.before or run.after else {}
+
+
 class InProcess:
     """Runs one at a time in this process (``--jobs 1``): simplest, and the epoch lines stay visible."""
 
@@ -276,7 +281,7 @@ class InProcess:
 
     def submit(self, run: Run, keep: bool) -> cf.Future:
         future: cf.Future = cf.Future()
-        future.set_result(execute(run.name, run.cfg, keep, (run.before, run.after)))
+        future.set_result(execute(run.name, run.cfg, keep, **_steps(run)))
         return future
 
     def restart(self) -> None:
@@ -307,7 +312,7 @@ class WorkerPool:
                                             initargs=(queue,))
 
     def submit(self, run: Run, keep: bool) -> cf.Future:
-        return self._pool.submit(execute, run.name, run.cfg, keep, (run.before, run.after))
+        return self._pool.submit(execute, run.name, run.cfg, keep, **_steps(run))
 
     def restart(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
