@@ -31,12 +31,13 @@ class CleaningRecipe(Recipe):
     summary = ""
     paper = ""
     defaults: dict[str, Any] = {}
+    what = "method"  # how errors name the recipe ("defense" for a pre-training defence)
 
     def __init__(self, **params: Any):
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             valid = ", ".join(f"--{k.replace('_', '-')}" for k in self.defaults) or "none"
-            raise UserError(f"method {self.name}: unknown parameter --{unknown[0].replace('_', '-')} "
+            raise UserError(f"{self.what} {self.name}: unknown parameter --{unknown[0].replace('_', '-')} "
                             f"(it takes: {valid})")
         self.params = {**self.defaults}
         for key, value in params.items():
@@ -44,14 +45,15 @@ class CleaningRecipe(Recipe):
             try:
                 value = type(default)(value) if not isinstance(default, bool) else _to_bool(value)
             except (TypeError, ValueError):
-                raise UserError(f"method {self.name}: --{key.replace('_', '-')} expects a "
+                raise UserError(f"{self.what} {self.name}: --{key.replace('_', '-')} expects a "
                                 f"{type(default).__name__}, got {value!r}") from None
             self.params[key] = value
         for key, value in self.params.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and (
                     value < 0 or not math.isfinite(value)):
                 flag = key.replace("_", "-")
-                raise UserError(f"method {self.name}: --{flag} must be a finite number >= 0, got {value}")
+                raise UserError(f"{self.what} {self.name}: --{flag} must be a finite number >= 0, "
+                                f"got {value}")
         self.validate()
 
     def validate(self) -> None:
@@ -266,9 +268,14 @@ class DeepClustering(CleaningRecipe):
 
 
 @torch.no_grad()
-def embed_images(model, loader, device, env) -> tuple[list[str], torch.Tensor]:
+def embed_images(model, loader, device, env, *,
+                 pair_similarity: bool = False) -> tuple[list[str], torch.Tensor]:
     """Normalised image embeddings of every sample the loader yields (gathered over ranks), sorted by
-    row id: the order, and so the k-means seeding, is the same whatever the number of ranks."""
+    row id: the order, and so the k-means seeding, is the same whatever the number of ranks.
+
+    ``pair_similarity=True`` keeps each sample's image–caption cosine similarity instead ([N]: a pass
+    over 3M pairs then holds 3M numbers, not 3M embeddings).
+    """
     from clip_backdoor.data.transforms import normalize
 
     was_training = model.training
@@ -276,7 +283,11 @@ def embed_images(model, loader, device, env) -> tuple[list[str], torch.Tensor]:
     ids, feats = [], []
     for batch in loader:
         x = normalize(batch["images"].to(device).float().div_(255))
-        feats.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
+        u = F.normalize(model.encode_image(x).float(), dim=-1)
+        if pair_similarity:
+            v = F.normalize(model.encode_text(batch["texts"].to(device)).float(), dim=-1)
+            u = (u * v).sum(dim=-1)
+        feats.append(u.cpu())
         ids.extend(batch["row_ids"])
     model.train(was_training)
     feats_t = torch.cat(feats)

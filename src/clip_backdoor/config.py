@@ -117,6 +117,8 @@ class TrainConfig:
     optimizer_state: str = "fresh"  # fresh | inherit (reference compat: keep the checkpoint's moments)
     method: str | None = None  # cleaning recipe name (clip_backdoor.cleaning); None = plain run
     method_params: dict = field(default_factory=dict)
+    defense: str | None = None  # pre-training defence (clip_backdoor.defenses): safeclip | roclip | None
+    defense_params: dict = field(default_factory=dict)
     epochs: int = 5
     # The *global* batch: under torchrun each of the W ranks takes batch_size / W (it must divide), as
     # in the reference, so the paper's 2048 / 1024 mean the same whatever the launch.

@@ -44,11 +44,13 @@ from clip_backdoor.study.select import (
     format_change,
     format_lr,
     format_pct,
+    is_defended,
     method_key,
     method_label,
     objective_key,
     objective_label,
     rule_label,
+    split_pretrain,
     tau_rule,
 )
 
@@ -61,6 +63,9 @@ METHOD_COLOURS = {"cleanclip": "#0072B2", "mmcl": "#D55E00", "ssl": "#009E73", "
                   "shrink-perturb": "#CC79A7", "deep-clustering": "#56B4E9"}
 EXTRA_COLOURS = ("#000000", "#7F7F7F", "#8C564B", "#17BECF", "#BCBD22", "#9467BD")
 OBJECTIVE_STYLES = {"mmcl": ("#000000", "-"), "mmcl+ssl": ("#E69F00", "--"), "ssl": ("#56B4E9", ":")}
+# a defended pre-training run: its objective's line style, the defence's colour
+DEFENSE_COLOURS = {"safeclip": "#009E73", "roclip": "#CC79A7"}
+FILTER_COLOUR = "#0072B2"
 K_MARKERS = ("^", "s", "D", "v", "P")  # k > 0 points, hollow; k = 0 is a filled circle
 
 STYLE = {
@@ -294,7 +299,7 @@ def figure_pretraining(data: StudyData) -> Figure | str:
     alpha = 0.9 if len(data.seeds) == 1 else 0.6
     for ax, (metric, label) in zip(axes[0], metrics):
         for objective in sorted({o for o, _ in runs}, key=objective_key):
-            colour, style = OBJECTIVE_STYLES.get(objective, (EXTRA_COLOURS[1], "-."))
+            colour, style = _pretrain_style(objective)
             first = True
             for seed in data.seeds:
                 points = sorted((r for r in runs.get((objective, seed), [])
@@ -318,6 +323,15 @@ def figure_pretraining(data: StudyData) -> Figure | str:
     seeds = f", {len(data.seeds)} seeds" if len(data.seeds) > 1 else ""
     fig.suptitle(f"Pre-training on the poisoned data{seeds}")
     return fig
+
+
+def _pretrain_style(pretrain: str) -> tuple[str, str]:
+    objective, defense = split_pretrain(pretrain)
+    colour, style = OBJECTIVE_STYLES.get(objective, (EXTRA_COLOURS[1], "-."))
+    if defense is not None:
+        fallback = FILTER_COLOUR if defense.startswith("filter") else "#7F7F7F"
+        colour = DEFENSE_COLOURS.get(defense, fallback)
+    return colour, style
 
 
 def figure_k_poisons(data: StudyData) -> Figure | str:
@@ -489,6 +503,59 @@ def runs_display(records: Sequence[dict]) -> list[dict]:
             for r in records]
 
 
+def read_detection(path: Path) -> list[dict]:
+    """``detection.csv`` (written by the runner when the study scores its pairs), typed; [] when absent."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    ints, floats = ("seed", "n_rows", "n_poison", "n_removed", "n_poison_removed"), (
+        "auroc", "precision_at_p", "recall_at_p")
+    for r in rows:
+        for c in ints:
+            r[c] = int(float(r[c])) if r.get(c) not in (None, "") else None
+        for c in floats:
+            r[c] = float(r[c]) if r.get(c) not in (None, "") else None
+    return rows
+
+
+def detection_display(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(scores table, filter table): per poisoned model and detector, AUROC and precision (= recall)
+    at the true poison count; per filter-then-retrain model, what its filter removed. Mean ± std over
+    seeds."""
+    def num(values: Sequence[float | None], digits: int = 3) -> str:
+        mean, std = select.mean_std(list(values))
+        if mean is None:
+            return "—"
+        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["kind"], r["pretrain"], r["detector"])].append(r)
+    from clip_backdoor.detection import DETECTORS
+
+    ordered = sorted(groups, key=lambda g: (objective_key(g[1]), g[0] != "scores",
+                                            DETECTORS.index(g[2]) if g[2] in DETECTORS else len(DETECTORS)))
+    scores, filters = [], []
+    for kind, pretrain, detector in ordered:
+        group = groups[(kind, pretrain, detector)]
+        counts = sorted({f"{r['n_poison']} / {r['n_rows']}" for r in group})
+        if kind == "scores":
+            scores.append({"poisoned model": objective_label(pretrain), "detector": detector,
+                           "AUROC": num([r["auroc"] for r in group]),
+                           "precision = recall at P": num([r["precision_at_p"] for r in group]),
+                           "seeds": len(group), "poisons / pairs": ", ".join(counts)})
+        else:
+            before = [(r["n_poison"] or 0) + (r["n_poison_removed"] or 0) for r in group]
+            share = [r["n_poison_removed"] / b if b else None for r, b in zip(group, before)]
+            filters.append({"pre-training": objective_label(pretrain), "ranked by": detector,
+                            "pairs removed": ", ".join(sorted({str(r["n_removed"]) for r in group})),
+                            "poisons removed": num([r["n_poison_removed"] for r in group], 1),
+                            "share of the poisons removed": num(share),
+                            "poisons left / pairs kept": ", ".join(counts), "seeds": len(group)})
+    return scores, filters
+
+
 # ------------------------------------------------------------------------------------------------
 # What is missing
 # ------------------------------------------------------------------------------------------------
@@ -513,7 +580,8 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
         notes.append(f"The poisoned models learned backdoors of unequal strength (ASR "
                      f"{select.backdoor_listing(uneven)}): compare their cleaning results with that in mind.")
     for objective in data.objectives:
-        if not any(r["pretrain"] == objective for r in data.clean):
+        # a defended model is compared as pre-trained, not cleaned
+        if not is_defended(objective) and not any(r["pretrain"] == objective for r in data.clean):
             notes.append(f"Pre-training objective {objective_label(objective)} has no cleaning runs yet.")
         if not any(key[1] == objective for key in data.poisoned):
             notes.append(f"No evaluation of the poisoned {objective_label(objective)} model "
@@ -664,7 +732,8 @@ def _environment_html(summary: dict) -> str:
 def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: Sequence[dict],
                 headline_note: str, figures: dict[str, str | None], selection: Sequence[dict],
                 poisoned: Sequence[dict], runs: Sequence[dict], config_text: str | None,
-                finding: str = "", environment_summary: dict | None = None) -> str:
+                finding: str = "", environment_summary: dict | None = None,
+                detection: tuple[list[dict], list[dict]] = ([], [])) -> str:
     n_runs = len({(r["stage"], *select.run_key(r)) for r in data.rows})
     objectives = ", ".join(objective_label(o) for o in data.objectives) or "none"
     methods = ", ".join(method_label(m) for m in data.methods) or "none"
@@ -698,8 +767,18 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
               "looking at ASR, as the paper does; realistic rules choose by accuracy alone and report the "
               "ASR of what they chose. Mean ± half-width of the Student-t interval over the seeds where the "
               "rule found a point; lr and epoch are listed per seed.</p>",
-              html_table(selection), "<h2>Poisoned (and clean) models</h2>", html_table(poisoned),
-              "<h2>Runs</h2>", f"<details><summary>Final metrics of {len(runs)} runs</summary>",
+              html_table(selection), "<h2>Poisoned (and clean) models</h2>", html_table(poisoned)]
+    scores, filters = detection
+    if scores or filters:
+        parts += ["<h2>Poisoned-sample detection</h2>",
+                  "<p class=\"how\">Each undefended poisoned model scores its own training pairs (k-dist, "
+                  "LID, DAO; higher = more suspicious). AUROC: the chance a poison outscores a clean pair; "
+                  "precision = recall at P: the share of poisons among the top-P pairs, P the number of "
+                  "poisons. Filter-then-retrain removes the top-scored pairs and pre-trains again.</p>",
+                  html_table(scores)]
+        if filters:
+            parts.append(html_table(filters))
+    parts += ["<h2>Runs</h2>", f"<details><summary>Final metrics of {len(runs)} runs</summary>",
               html_table(runs), "</details>", "<h2>Study configuration</h2>"]
     parts.append(f"<pre>{html.escape(config_text)}</pre>" if config_text is not None
                  else "<p class=\"skip\">study.yaml not found.</p>")
@@ -783,6 +862,11 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                 save_figure(result, out, name)
                 skipped[name] = None
 
+    detection = detection_display(read_detection(study_dir / "detection.csv"))
+    if detection[0] or detection[1]:
+        atomic_write_text(out / "detection.md", "# Poisoned-sample detection\n\n"
+                          + select.markdown_table(detection[0])
+                          + ("\n" + select.markdown_table(detection[1]) if detection[1] else ""))
     config_path = study_dir / "study.yaml"
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
     from clip_backdoor.study.finding import finding_text
@@ -795,7 +879,7 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                        poisoned=poisoned_display(poisoned) + poisoned_display(baselines, "clean, no poisons"),
                        runs=runs_display(runs), config_text=config_text,
                        finding=finding_text(rows, confidence=confidence, tau=tau),
-                       environment_summary=summary)
+                       environment_summary=summary, detection=detection)
     index = out / "index.html"
     atomic_write_text(index, page)
     log.info("report: %s", index)

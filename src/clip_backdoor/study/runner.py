@@ -220,10 +220,14 @@ class _RunNameFilter(logging.Filter):
         return True
 
 
-def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True) -> dict:
-    """Train one run; returns {"ok", "seconds", "row"} or {"ok": False, "error"} (never raises,
-    except on Ctrl-C). Writes ``finished.json`` when done, and ``error.log`` on failure."""
+def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True,
+            steps: tuple[dict | None, dict | None] = (None, None)) -> dict:
+    """Train one run (with its data steps before / after, see ``study.steps``); returns {"ok",
+    "seconds", "row"} or {"ok": False, "error"} (never raises, except on Ctrl-C). Writes
+    ``finished.json`` when done, and ``error.log`` on failure."""
     from clip_backdoor.cleaning import build_recipe
+    from clip_backdoor.defenses import build_defense
+    from clip_backdoor.study.steps import run_step
     from clip_backdoor.train.loop import train
 
     if _WORKER.get("device"):
@@ -242,7 +246,11 @@ def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True) -> dict:
     started = time.perf_counter()
     try:
         recipe = build_recipe(cfg.method, cfg.method_params) if cfg.method else None
+        if cfg.defense:
+            recipe = build_defense(cfg.defense, cfg.defense_params)
+        run_step(steps[0], cfg)
         row = train(cfg, recipe)
+        run_step(steps[1], cfg)
         seconds = time.perf_counter() - started
         write_json(run_dir / FINISHED, {"epochs": cfg.epochs, "seconds": seconds, "last": row,
                                         "config": to_dict(cfg)})
@@ -261,6 +269,11 @@ def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True) -> dict:
         _WORKER["run"] = "study"
 
 
+def _steps(run: Run) -> dict:
+    """``execute``'s data steps, passed only when a run has some (a plain run's call is unchanged)."""
+    return {"steps": (run.before, run.after)} if run.before or run.after else {}
+
+
 class InProcess:
     """Runs one at a time in this process (``--jobs 1``): simplest, and the epoch lines stay visible."""
 
@@ -268,7 +281,7 @@ class InProcess:
 
     def submit(self, run: Run, keep: bool) -> cf.Future:
         future: cf.Future = cf.Future()
-        future.set_result(execute(run.name, run.cfg, keep))
+        future.set_result(execute(run.name, run.cfg, keep, **_steps(run)))
         return future
 
     def restart(self) -> None:
@@ -299,7 +312,7 @@ class WorkerPool:
                                             initargs=(queue,))
 
     def submit(self, run: Run, keep: bool) -> cf.Future:
-        return self._pool.submit(execute, run.name, run.cfg, keep)
+        return self._pool.submit(execute, run.name, run.cfg, keep, **_steps(run))
 
     def restart(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -319,13 +332,17 @@ def cpu_cores() -> int:
 
 
 def finished_marker(run: Run) -> dict | None:
-    """The run's ``finished.json`` if it covers the run's epochs, else None."""
+    """The run's ``finished.json`` if it covers the run's epochs (and its detection), else None."""
+    from clip_backdoor.study.steps import is_done
+
     path = Path(run.cfg.run_dir) / FINISHED
     if not path.is_file():
         return None
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
+        return None
+    if not is_done(run.after, run.cfg):
         return None
     return marker if int(marker.get("epochs", 0)) >= run.cfg.epochs else None
 
@@ -530,7 +547,23 @@ def write_results(plan: StudyPlan) -> tuple[Path, list[dict[str, str]]]:
     writer.writerows(rows)
     path = plan.root / "results.csv"
     atomic_write_text(path, buffer.getvalue())
+    _write_detection(plan)
     return path, rows
+
+
+def _write_detection(plan: StudyPlan) -> None:
+    """``detection.csv`` (only in a study with detection or filter-then-retrain runs)."""
+    from clip_backdoor.study.steps import DETECTION_COLUMNS, detection_rows
+
+    path = plan.root / "detection.csv"
+    if not any(r.after or r.before for r in plan.runs):
+        path.unlink(missing_ok=True)
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _cell(v) for k, v in row.items()} for row in detection_rows(plan.runs))
+    atomic_write_text(path, buffer.getvalue())
 
 
 def report(plan: StudyPlan) -> Path:

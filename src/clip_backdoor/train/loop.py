@@ -55,7 +55,8 @@ class RunContext:
 
 
 class Recipe:
-    """Hooks a cleaning method may override; the default does nothing (plain pre-training)."""
+    """Hooks a cleaning method or a pre-training defence may override; the default does nothing
+    (plain pre-training)."""
 
     name: str | None = None
     params: dict = {}
@@ -104,6 +105,19 @@ class Recipe:
         """Recipe parameters stepped by the model's optimizer but not inside the (DDP-wrapped) model:
         the loop averages their gradients over ranks by hand."""
         return []
+
+    # -- pre-training defences (clip_backdoor.defenses): the loss, the views, the lr ------------
+    wants_views = False  # True: make augmented views (image + caption) even if the objective has no SSL
+
+    def losses(self, feats: dict, objective: Objective, batch: dict,
+               ctx: RunContext) -> dict[str, torch.Tensor]:
+        """The batch's loss terms from its features ({"loss": total, "loss_<term>": ...}); a recipe may
+        replace the objective's, e.g. per sample. Called on every rank at every step (DDP collectives)."""
+        return objective(**feats)
+
+    def adjust_lr(self, lr: float, ctx: RunContext) -> float:
+        """The learning rate of this step, given the schedule's (e.g. a constant low lr for one epoch)."""
+        return lr
 
     def state_dict(self) -> dict:
         return {}
@@ -176,9 +190,10 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     model, init_ckpt = _build_model(cfg, device)
     objective = Objective(mmcl_weight=cfg.objective.mmcl_weight, ssl_weight=cfg.objective.ssl_weight,
                           ssl_symmetric=cfg.objective.ssl_symmetric)
+    with_views = objective.uses_ssl or recipe.wants_views  # a defence may need views the objective does not
     batch_per_rank = per_rank_batch(cfg.batch_size, env.world_size)
     loader = build_loader(cfg, image_size=model.image_size, context_length=model.context_length,
-                          env=env, with_text_view=objective.uses_ssl, batch_size=batch_per_rank)
+                          env=env, with_text_view=with_views, batch_size=batch_per_rank)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError(f"data: {loader.source.num_samples} samples give no full global batch of "
@@ -186,7 +201,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     if env.is_main and (warning := schedule_warning(cfg.optim.warmup_steps, total_steps)):
         log.warning(warning)
-    image_view = _image_view(cfg) if objective.uses_ssl else None
+    image_view = _image_view(cfg) if with_views else None
     eval_set, trigger = _eval_parts(cfg, model.image_size)
 
     # 3. Model ------------------------------------------------------------------------------
@@ -268,10 +283,11 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not env.is_main or not sys.stderr.isatty(), mininterval=1.0)
         for batch in bar:
-            lr = recipe.learning_rate(step, base_lr=o.lr, warmup_steps=o.warmup_steps,
-                                      total_steps=total_steps)
-            set_lr(optimizer, lr)
             ctx.step = step
+            # the schedule (the loop's, or a recipe's own), then a recipe's per-epoch change of it
+            lr = recipe.adjust_lr(recipe.learning_rate(step, base_lr=o.lr, warmup_steps=o.warmup_steps,
+                                                       total_steps=total_steps), ctx)
+            set_lr(optimizer, lr)
             losses = _forward_losses(model, batch, objective, image_view, recipe, ctx, device,
                                      autocast_dtype)
             loss = losses["loss"]
@@ -388,18 +404,9 @@ def world_spec(cfg: TrainConfig, image_size: int) -> dict:
 
 
 def _source_spec(cfg: TrainConfig, image_size: int) -> dict:
-    d = cfg.data
-    if d.kind == "synthetic":
-        return {"kind": "synthetic", "num_samples": d.num_samples, "seed": cfg.seed,
-                "world": world_spec(cfg, image_size), "cache": d.cache}
-    if d.kind in ("csv", "wds"):
-        if not d.path:
-            raise UserError(f"data.path: required for data.kind={d.kind}")
-        if d.kind == "wds":
-            return {"kind": "wds", "urls": d.path, "seed": cfg.seed}
-        return {"kind": "csv", "path": d.path, "seed": cfg.seed, "image_key": d.image_key,
-                "caption_key": d.caption_key, "separator": d.separator}
-    raise UserError(f"data.kind {d.kind!r}: choose synthetic, csv or wds")
+    from clip_backdoor.data.captions import source_spec
+
+    return source_spec(cfg.data, seed=cfg.seed, image_size=image_size)
 
 
 def _image_view(cfg: TrainConfig):
@@ -455,7 +462,7 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     texts = batch["texts"].to(device, non_blocking=True)
     images = recipe.transform_images(images, ctx)
     n = images.shape[0]
-    if objective.uses_ssl:
+    if image_view is not None:
         # Originals and augmented views go through the model in one forward pass.
         views = image_view(images, generator=step_seed(view_seed(ctx.cfg), ctx.step, ctx.env.rank))
         images = torch.cat([images, views])
@@ -468,9 +475,9 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
         out.update(recipe.extra_forward(inputs, ctx))
     u, v, s = out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()
     feats = {"image_features": u[:n], "text_features": v[:n], "logit_scale": s}
-    if objective.uses_ssl:
+    if image_view is not None:
         feats.update(image_aug_features=u[n:], text_aug_features=v[n:])
-    losses = dict(objective(**feats))
+    losses = dict(recipe.losses(feats, objective, batch, ctx))
     extra = recipe.extra_losses(out, batch, ctx)
     for name, value in extra.items():
         losses[name] = value
