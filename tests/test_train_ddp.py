@@ -23,8 +23,8 @@ VIT = {"embed_dim": 32, "quick_gelu": True,
        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 
 
-def _config(run_dir, model_path, batch_size):
-    return load_config(TrainConfig, None, [
+def _config(run_dir, model_path, batch_size, *extra):
+    return load_config(TrainConfig, None, [*extra,
         f"run_dir={run_dir}", f"model={model_path}", f"batch_size={batch_size}", "epochs=1",
         "data.num_samples=128", "data.workers=0", "eval.every=0", "optim.warmup_steps=1", "optim.lr=1e-3",
         "threads=1", "save_every=0", "data.world.image_size=32",
@@ -36,7 +36,7 @@ def _config(run_dir, model_path, batch_size):
 def _worker(rank, port, run_dir, model_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    train(_config(run_dir, model_path, batch_size=32))  # global: 16 per rank
+    train(_config(run_dir, model_path, 32, "report_to=tensorboard"))  # global batch: 16 per rank
 
 
 def _free_port():
@@ -57,6 +57,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for key, value in single["state_dict"].items():
         torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     ddp_row = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
+    # TensorBoard: rank 0 alone writes (one event file, not one per rank)
+    assert len(list((tmp_path / "ddp" / "tensorboard").iterdir())) == 1
     # batch_size is the global batch, whatever the launch; both the global and per-rank are recorded.
     assert (ddp_row["batch_size"], ddp_row["batch_size_per_rank"], ddp_row["world_size"]) == (32, 16, 2)
     resolved = yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())["resolved"]

@@ -15,6 +15,12 @@ dict holding only tensors, dicts, lists, str, int, float, bool and None, so that
       "scaler": dict | None,    # GradScaler state (fp16), else None
       "rng": dict | None,       # RNG states as tensors / ints (never numpy objects)
       "config": dict,           # the resolved run config
+      # what the run is, for `clip-backdoor inspect` (clip_backdoor.card; absent in older checkpoints):
+      "version": str,           # the toolkit version that wrote it
+      "data": dict,             # training data: kind, path, num_samples, poisoning (poison.json facts)
+      "method": dict | None,    # cleaning method and its resolved parameters
+      "start": dict | None,     # cleaning: the starting checkpoint's path, epoch, data and metrics
+      "metrics": dict,          # this epoch's metrics.jsonl line
     }
 
 A **plain state dict** (``{name: tensor}``; a ``.pt`` file, a ``.safetensors`` file, or an open_clip
@@ -59,6 +65,10 @@ def _read_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
             UnicodeDecodeError, AttributeError, TypeError) as e:
+        raise UserError(f"{path} is not a clip-backdoor checkpoint ({_load_failure(path, e)})") from None
+    except Exception as e:  # any other bytes (a CSV, say) fail the legacy unpickler in arbitrary ways
+        if zipfile.is_zipfile(path):
+            raise
         raise UserError(f"{path} is not a clip-backdoor checkpoint ({_load_failure(path, e)})") from None
 
 
