@@ -254,12 +254,12 @@ def test_a_manifest_of_other_rows_is_refused(poisoned_run, tmp_path):
 
 
 def test_poisons_of_the_manifest_missing_from_the_data_are_refused(poisoned_run, tmp_path):
+    import json
+    import shutil
+
     from clip_backdoor.attacks.manifest import PoisonedSource
     from clip_backdoor.data.captions import make_source
     from clip_backdoor.models import create_model
-
-    import json
-    import shutil
 
     base = make_source({"kind": "synthetic", "num_samples": 200, "world": {"image_size": 32}})
     with pytest.raises(UserError, match="made for a source of 256 rows, but this synthetic source has 200"):

@@ -39,8 +39,8 @@ EVAL = ["eval.n=24", "eval.batch_size=24", "eval.seed=3"]
 DEADLINE_S = 300  # a hung rank must not hang the suite: both processes are killed after this
 
 
-def _config(run_dir, model_path, batch_size):
-    return load_config(TrainConfig, None, [
+def _config(run_dir, model_path, batch_size, *extra):
+    return load_config(TrainConfig, None, [*extra,
         f"run_dir={run_dir}", f"model={model_path}", f"batch_size={batch_size}", "epochs=1",
         "data.num_samples=128", "data.workers=0", "optim.warmup_steps=1", "optim.lr=1e-3",
         "threads=1", "save_every=0", "data.world.image_size=32", *EVAL,
@@ -97,7 +97,7 @@ def _worker(rank, ports, tmp):
     log.setLevel(logging.INFO)
     printed = logging.FileHandler(f"{tmp}/ddp.rank{rank}.log")
     log.addHandler(printed)
-    train(_config(f"{tmp}/ddp", f"{tmp}/vit-tiny.json", batch_size=32))  # global: 16 per rank
+    train(_config(f"{tmp}/ddp", f"{tmp}/vit-tiny.json", 32, "report_to=tensorboard"))  # 16 per rank
     log.removeHandler(printed)
     printed.close()
     steps_of_first = list(steps)
@@ -204,6 +204,8 @@ def test_weights_and_loss_match_the_single_process(two_ranks, single):
         torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     ddp_row = read_jsonl(tmp / "ddp" / "metrics.jsonl")[-1]
     assert ddp_row["loss"] == pytest.approx(read_jsonl(single_dir / "metrics.jsonl")[-1]["loss"], rel=1e-5)
+    # TensorBoard: rank 0 alone writes (one event file, not one per rank)
+    assert len(list((tmp / "ddp" / "tensorboard").iterdir())) == 1
     # batch_size is the global batch, whatever the launch; both the global and per-rank are recorded.
     assert (ddp_row["batch_size"], ddp_row["batch_size_per_rank"], ddp_row["world_size"]) == (32, 16, 2)
     resolved = yaml.safe_load((tmp / "ddp" / "config.yaml").read_text())["resolved"]

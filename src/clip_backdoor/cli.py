@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "clean": ("clip_backdoor.train.commands", "fine-tune a checkpoint with a cleaning method"),
     "evaluate": ("clip_backdoor.evaluate", "zero-shot accuracy and attack success rate"),
     "detect": ("clip_backdoor.detection", "score training pairs as poisoned (k-dist, LID, DAO), AUROC"),
-    "export": ("clip_backdoor.train.checkpoint", "export checkpoint weights (safetensors)"),
+    "inspect": ("clip_backdoor.card", "say what a checkpoint is: model, stage, data, poisoning, metrics"),
+    "export": ("clip_backdoor.train.checkpoint", "export weights (safetensors), card.json, open_clip config"),
     "study": ("clip_backdoor.study.runner", "run or report a study described by one YAML file"),
     "demo": ("clip_backdoor.demo", "the end-to-end demo on the synthetic world"),
 }

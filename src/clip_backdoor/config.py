@@ -134,6 +134,9 @@ class TrainConfig:
     # Resuming with another `epochs` changes the cosine schedule of the remaining steps: an error
     # unless this is set (the schedule of the new count is then used from the resume point on).
     allow_epochs_change: bool = False
+    # Also report scalars to: tensorboard (losses and lr per step, every metric per epoch, into
+    # run_dir/tensorboard/; needs the [tensorboard] extra). None = metrics.jsonl only.
+    report_to: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -73,6 +73,18 @@ def attack_success(logits_triggered: torch.Tensor, labels: torch.Tensor, target_
     return int(hits), int(non_target.sum())
 
 
+# An ASR at or below this is what a model without the backdoor scores (a clean model sends a few
+# non-target images to the target by mistake): the backdoor was not learned. The study report's
+# warning and the line that ends `pretrain` / `clean` share this one rule.
+NOT_LEARNED_ASR = 0.05
+_ASR_SLACK = 1e-9  # ASR is a ratio of counts: keep "exactly the threshold" inside despite rounding
+
+
+def backdoor_not_learned(asr1: float, threshold: float = NOT_LEARNED_ASR) -> bool:
+    """True when a (poisoned) model's top-1 ASR is no higher than a clean model's rate."""
+    return asr1 <= threshold + _ASR_SLACK
+
+
 def robust_correct(logits_triggered: torch.Tensor, labels: torch.Tensor,
                    target_index: int) -> tuple[int, int]:
     """(hits, denominator) of robust accuracy: non-target rows still top-1 correct under the trigger."""

@@ -352,6 +352,7 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
     fig, axes = _panels(len(objectives), 3.9, 3.2, sharey="row", rows=2)
     positions = {k: i for i, k in enumerate(data.ks)}
     methods = [m for m in data.methods if any(len(variants.get((o, m), ())) > 1 for o in objectives)]
+    accuracy_drawn = False
     for col, objective in enumerate(objectives):
         for row, (rule, ylabel) in enumerate(rows):
             ax = axes[row][col]
@@ -367,6 +368,7 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
                 ys = [100 * f[f"{metric}_mean"] for f in found if f["n_found"]]
                 es = [100 * (f[f"{metric}_std"] or 0) for f in found if f["n_found"]]
                 ax.errorbar(xs, ys, yerr=es, color=colour, marker="o", markersize=5, lw=1.4, capsize=3)
+                accuracy_drawn |= bool(ys) and rule != "min-asr"
                 missing = [positions[k] + dodge for k, f in zip(ks, found) if not f["n_found"]]
                 ax.scatter(missing, [0] * len(missing), marker="x", s=45, color=colour, lw=1.6, clip_on=False,
                            zorder=4)
@@ -381,8 +383,10 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
                 ax.set_xlabel("poisons in the cleaning set (k)")
             if col == 0:
                 ax.set_ylabel(ylabel)
-    top = axes[1][0].get_ylim()[1]
-    axes[1][0].set_ylim(0, min(100.0, top * 1.08))  # room for the highest marker (the row shares y)
+    # room for the highest marker (the row shares y); with only x's (none reached ASR ≤ τ), the 0-100%
+    # scale, not matplotlib's default 0-0.05 around nothing
+    top = axes[1][0].get_ylim()[1] if accuracy_drawn else 100 / 1.08
+    axes[1][0].set_ylim(0, min(100.0, top * 1.08))
     handles = _method_handles(data, methods)
     handles.append(Line2D([], [], marker="x", ls="", color="#555555", markersize=7,
                           label=f"no checkpoint at ASR ≤ {data.tau * 100:g}%"))
@@ -679,15 +683,22 @@ def environment_text(summary: dict, max_runs: int = 4) -> str:
 # ------------------------------------------------------------------------------------------------
 # The page
 # ------------------------------------------------------------------------------------------------
+# Checked in headless Chromium at 1,280 and 390 px (tests/test_report_browser.py): nothing may be wider
+# than the page, so wide tables scroll inside their own box and figures scale down.
 CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.4; overflow-wrap: break-word; }
+h1 { font-size: 1.8em; }
+.table-box { overflow-x: auto; margin: 0.5em 0 1em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
 th { background: #f2f2f2; }
-img { max-width: 100%; border: 1px solid #eee; }
+tbody tr:nth-child(even) { background: #fafafa; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; box-sizing: border-box; }
 .how { color: #444; font-style: italic; max-width: 60em; }
 .skip { color: #8a4b00; }
-pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; max-height: 40em; }
+summary { cursor: pointer; }
 """
 
 
@@ -698,7 +709,8 @@ def html_table(records: Sequence[dict]) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape('' if r.get(c) is None else str(r[c]))}</td>"
                                     for c in columns) + "</tr>\n" for r in records)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+    table = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+    return f"<div class=\"table-box\">{table}</div>"  # a wide table scrolls in its box, not the page
 
 
 def _study_name(study_dir: Path, config_text: str | None) -> str:
@@ -738,6 +750,7 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
     objectives = ", ".join(objective_label(o) for o in data.objectives) or "none"
     methods = ", ".join(method_label(m) for m in data.methods) or "none"
     parts = [f"<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
              f"<title>{html.escape(name)} — study report</title>\n<style>{CSS}</style>\n</head>\n<body>",
              f"<h1>Study report: {html.escape(name)}</h1>",
              f"<p>{len(data.rows)} evaluated checkpoints from {n_runs} runs; "
@@ -760,8 +773,8 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
             continue
         how = how.format(tau=f"{data.tau * 100:g}%")
         parts.append(f"<p class=\"how\">How to read: {html.escape(how)}</p>")
-        parts.append(f"<p><img src=\"{key}.png\" alt=\"{html.escape(title)}\"><br>"
-                     f"<a href=\"{key}.svg\">{key}.svg</a></p>")
+        parts.append(f"<p><a href=\"{key}.png\"><img src=\"{key}.png\" alt=\"{html.escape(title)}\"></a><br>"
+                     f"<a href=\"{key}.svg\">{key}.svg</a></p>")  # on a phone, tap the figure for full size
     parts += ["<h2>Selection rules</h2>",
               "<p class=\"how\">Oracle rules (best acc at ASR ≤ τ for each τ, minimum ASR) choose by "
               "looking at ASR, as the paper does; realistic rules choose by accuracy alone and report the "

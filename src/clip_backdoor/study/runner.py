@@ -56,7 +56,7 @@ METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):-1]
 FINISHED = "finished.json"
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
 VOLATILE_KEYS = ("threads", "device", "resume", "allow_epochs_change", "data.workers", "eval.workers",
-                 "eval.batch_size")
+                 "eval.batch_size", "report_to")
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. seeds=[0,1,2] cleaning.epochs=3")
     rep = sub.add_parser("report", help="collect results.csv and write the report of a study directory")
     rep.add_argument("dir")
+    sub.add_parser("status", help="finished / running / failed / pending runs, last metrics, ETA "
+                   "(read-only: safe while `study run` runs)").add_argument("dir")
     ls = sub.add_parser("list", help="print the study's runs and whether each is finished")
     ls.add_argument("file")
     ls.add_argument("--out", help="study directory (default runs/<name>)")
@@ -709,12 +711,17 @@ def _run_state(run: Run) -> str:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # KEY=VALUE may come after the options too
-    unknown = [word for word in rest if args.action == "report" or "=" not in word or word.startswith("-")]
+    unknown = [word for word in rest if args.action in ("report", "status") or "=" not in word
+               or word.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.action == "report":
         report(plan_for_dir(args.dir))
         return 0
+    if args.action == "status":
+        from clip_backdoor.study.status import main_status
+
+        return main_status(args.dir)
     spec = load_for_command(args.file, args.overrides + rest, getattr(args, "jobs", None),
                             getattr(args, "devices", None))
     root = Path(args.out or Path("runs") / spec.name)

@@ -821,6 +821,8 @@ def backdoor_listing(asrs: Sequence[tuple[str, float]]) -> str:
 def unlearned_backdoors(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> list[str]:
     """Objectives whose poisoned model (mean over seeds) is already at ASR ≤ τ (a defended model at
     low ASR is the defence working, not an unlearned backdoor)."""
+    from clip_backdoor.evaluate import backdoor_not_learned
+
     return [objective_label(r["pretrain"]) for r in poisoned_table(rows)
-            if r["asr1_mean"] is not None and r["asr1_mean"] <= tau + _TAU_SLACK
+            if r["asr1_mean"] is not None and backdoor_not_learned(r["asr1_mean"], tau)
             and not is_defended(r["pretrain"])]

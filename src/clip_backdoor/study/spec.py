@@ -192,6 +192,7 @@ class RunSettings:
     threads: int | None = None  # torch threads per job; default max(1, cores // jobs)
     device: str = "cpu"  # cpu | auto | cuda | cuda:N
     devices: list = field(default_factory=list)  # one run per listed CUDA device, e.g. [cuda:0, cuda:1]
+    report_to: str | None = None  # every run also reports to: tensorboard (<run dir>/tensorboard/)
 
     BOUNDS: ClassVar[dict[str, str]] = {**bounds_of(TrainConfig, threads="threads"), "jobs": ">= 1"}
 
@@ -403,6 +404,9 @@ def _validate(spec: StudySpec) -> None:
     _unique(r.devices, "run.devices")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
         raise UserError(f"run.device: {r.device!r} is not auto, cpu, cuda or cuda:N")
+    from clip_backdoor.train.scalars import check_report_to
+
+    check_report_to(r.report_to, "run.report_to")
 
 
 def _validate_data(d: DataSpec, e: EvalSpec) -> None:
@@ -859,7 +863,7 @@ def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
     cfg = TrainConfig(
         run_dir=str(run_dir), model=p.model, epochs=p.epochs,
         batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
-        seed=seed, save_every=p.save_every, save_epochs=list(also),
+        seed=seed, save_every=p.save_every, save_epochs=list(also), report_to=spec.run.report_to,
         data=_data_config(spec, manifest if poisoned else None), eval=eval_cfg,
         objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),
         optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
@@ -905,7 +909,7 @@ def _clean_config(spec: StudySpec, root: Path, objective: str, method: Method, l
         init_checkpoint=str(_start_checkpoint(spec, root, objective, seed)),
         optimizer_state=c.optimizer_state, epochs=c.epochs, batch_size=method.batch_size or c.batch_size,
         precision=c.precision or p.precision, device=spec.run.device, threads=spec.run.threads, seed=seed,
-        eval_at_start=True, save_every=0, data=data, eval=_eval_config(spec, 1),
+        eval_at_start=True, save_every=0, data=data, eval=_eval_config(spec, 1), report_to=spec.run.report_to,
         objective=ObjectiveConfig(eda=p.eda),
         optim=OptimConfig(lr=lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                           grad_clip=p.grad_clip))

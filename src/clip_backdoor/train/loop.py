@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from clip_backdoor.card import run_record, unlearned_line
 from clip_backdoor.config import RESOLVED_KEY, TrainConfig, check_bounds, dump_yaml, to_dict
 from clip_backdoor.data.transforms import normalize
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps, write_jsonl
 from clip_backdoor.objectives import Objective
 from clip_backdoor.train import distributed as D
+from clip_backdoor.train import scalars
 from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, save_checkpoint, unwrap
 from clip_backdoor.train.optim import build_optimizer, lr_at, schedule_warning, set_lr
 
@@ -171,6 +173,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         raise UserError(f"optimizer_state {cfg.optimizer_state!r}: choose fresh or inherit")
     if env.is_main:  # what a killed run of this directory left half-written (never a live writer's)
         remove_stale_temps(run_dir, checkpoint_dir(run_dir))
+    scalars.check_report_to(cfg.report_to)
 
     # A finished run is reported, not retrained.
     latest = latest_path(run_dir)
@@ -253,6 +256,11 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     method = {"name": recipe.name, **recipe.params} if recipe.name else None
     model_name = (init_ckpt or {}).get("model", {}).get("name") if init_ckpt else cfg.model
     model_meta = {"name": model_name, **unwrap(model).config}
+    # What the run is (data, poisoning, method, starting checkpoint): `clip-backdoor inspect` reads it.
+    record = run_record(to_dict(cfg), num_samples=loader.source.num_samples, init_ckpt=init_ckpt,
+                        method=method)
+    writer = scalars.open_writer(cfg.report_to, run_dir, is_main=env.is_main,
+                                 resume_step=step if resume_ckpt is not None else None)
 
     def emit(row: dict) -> None:
         if method:
@@ -261,6 +269,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             rows = read_jsonl(metrics_path) if metrics_path.exists() else []
             write_jsonl(metrics_path, rows + [row])
             log.info(_summary_line(row, cfg.epochs))  # one line per epoch, not one per rank
+        writer.add_epoch(row)  # rank 0 alone writes (a null writer elsewhere)
 
     # Epoch 0: the starting point of a cleaning run, evaluated before any step.
     if start_epoch == 0 and cfg.eval_at_start:
@@ -312,8 +321,10 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             scaler.update()
             unwrap(model).clamp_logit_scale()
             step += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+            values = {k: v.item() for k, v in losses.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            writer.add_step(step, {**values, "lr": lr})
             n_seen += batch["images"].shape[0]
             n_skipped += int(batch.get("n_skipped", 0))
             if env.is_main and not bar.disable:
@@ -343,12 +354,15 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                                   "warmup_steps": o.warmup_steps, "total_steps": total_steps},
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
-                    "config": to_dict(cfg)}
+                    "config": to_dict(cfg), **record, "metrics": row}
             if (cfg.save_every and epoch % cfg.save_every == 0) or epoch in cfg.save_epochs:
                 save_checkpoint(checkpoint_dir(run_dir) / f"epoch_{epoch}.pt", ckpt)
             save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
         D.barrier(env)
 
+    writer.close()
+    if env.is_main and (note := unlearned_line(to_dict(cfg), record, read_jsonl(metrics_path))):
+        log.warning(note)
     D.cleanup(env)
     return row
 
@@ -542,7 +556,7 @@ def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
 
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
     for key in sorted(set(old) | set(new)):
-        if key in ("resume", "epochs", "allow_epochs_change"):
+        if key in ("resume", "epochs", "allow_epochs_change", "report_to"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
