@@ -670,3 +670,55 @@ def test_a_warm_up_longer_than_the_run_is_one_warning(tmp_path, caplog):
                         "up (to 8% of optim.lr) and never reaches its cosine decay; lower "
                         "optim.warmup_steps or train longer"]
     assert metrics(tmp_path / "w")[0]["lr"] == pytest.approx(2e-3 * 4 / 50)
+
+
+def test_epoch_zero_of_a_grid_is_evaluated_once_per_process(pretrained, tmp_path, monkeypatch):
+    """Every cleaning run of a grid starts from the same checkpoint: its epoch-0 evaluation is reused
+    (identical numbers), but never for a method that changes the weights first."""
+    from clip_backdoor.train import loop
+
+    monkeypatch.setattr(loop, "_START_EVALS", {})
+    calls = []
+    real = loop._evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_evaluate", counting)
+    ckpt = pretrained / "checkpoints" / "latest.pt"
+    common = ["--checkpoint", str(ckpt), "--epochs", "1", "eval.every=0", *SMALL]
+    assert cli(["clean", "--method", "mmcl", "--run-dir", str(tmp_path / "a"), "--lr", "1e-4", *common]) == 0
+    assert cli(["clean", "--method", "cleanclip", "--run-dir", str(tmp_path / "b"), *common]) == 0
+    assert len(calls) == 1 + 0  # the second run's epoch 0 came from the first (no other evaluations)
+    assert metrics(tmp_path / "a")[0] | {"method": None} == metrics(tmp_path / "b")[0] | {"method": None}
+    assert cli(["clean", "--method", "shrink-perturb", "--run-dir", str(tmp_path / "c"), *common]) == 0
+    assert len(calls) == 2  # the shrunk model is evaluated for real
+    assert metrics(tmp_path / "c")[0]["init"] == "transformed"
+
+
+def test_latest_checkpoint_interval_skips_writes_and_resume_stays_exact(tmp_path, monkeypatch):
+    """With checkpoint_interval_s, a short run writes latest.pt at its last epoch only; killed while
+    saving that one, it resumes from scratch and ends exactly like an uninterrupted run."""
+    import clip_backdoor.train.loop as loop
+
+    writes = []
+    real_save = loop.save_checkpoint
+    def save(path, ckpt):
+        writes.append((path.name, ckpt["epoch"]))
+        real_save(path, ckpt)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    args = ("epochs=3", "eval.every=0", "save_every=0", "checkpoint_interval_s=3600")
+    train(cfg_for(tmp_path / "full", *args))
+    assert writes == [("latest.pt", 3)]
+    writes.clear()
+    train(cfg_for(tmp_path / "every", "epochs=3", "eval.every=0", "save_every=0"))
+    assert writes == [("latest.pt", 1), ("latest.pt", 2), ("latest.pt", 3)]  # 0: every epoch, as before
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        kill_when_checkpointing(m, epoch=3)
+        train(cfg_for(tmp_path / "cut", *args))
+    assert [r["epoch"] for r in metrics(tmp_path / "cut")] == [1, 2, 3]
+    assert not (tmp_path / "cut" / "checkpoints" / "latest.pt").exists()
+    train(cfg_for(tmp_path / "cut", *args))  # no checkpoint: a fresh start owns the metrics
+    assert_same_run(tmp_path / "full", tmp_path / "cut")

@@ -130,6 +130,9 @@ class TrainConfig:
     eval_at_start: bool = False  # evaluate before the first step (epoch 0 of a cleaning run)
     save_every: int = 1  # also keep checkpoints/epoch_N.pt every K epochs (0 = latest.pt only)
     save_epochs: list = field(default_factory=list)  # ... and after each of these epochs (e.g. to clean from)
+    # latest.pt (resume only) is rewritten at an epoch's end once this many seconds have passed since
+    # the last write (0: every epoch); the last epoch's is always written. Results never depend on it.
+    checkpoint_interval_s: float = 0.0
     resume: bool = True  # continue from run_dir/checkpoints/latest.pt when present
     # Resuming with another `epochs` changes the cosine schedule of the remaining steps: an error
     # unless this is set (the schedule of the new count is then used from the resume point on).
@@ -143,7 +146,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     BOUNDS: ClassVar[dict[str, str]] = {"epochs": ">= 1", "batch_size": ">= 1", "threads": ">= 1",
-                                        "seed": ">= 0", "save_every": ">= 0"}
+                                        "seed": ">= 0", "save_every": ">= 0", "checkpoint_interval_s": ">= 0"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -202,6 +202,65 @@ class TriggeredEvalSet(Dataset):
         return image, apply_trigger_uint8(to_trigger, self.trigger, generator), label
 
 
+class PreparedEval:
+    """An evaluation set whose images are decoded (or rendered) and triggered once, as uint8 tensors.
+
+    Evaluation runs after every epoch of every run on the same images with the same seeded triggers,
+    so the training loop prepares them once and every evaluation (of this run, and of other runs in
+    the same process with the same set) only runs the model. It yields exactly the batches the
+    streaming path would (same order, same batch boundaries), so the numbers are bit-identical.
+    """
+
+    # Past this the set stays streamed (ImageNet val at 224 px would be ~15 GB of uint8 pixels).
+    MAX_BYTES = 512 * 2**20
+
+    def __init__(self, eval_set: Any, trigger: Any = None, seed: int = 0, target: str | int | None = None):
+        self.classes, self.templates = list(eval_set.classes), list(eval_set.templates)
+        self.val_from = getattr(eval_set, "val_from", None)
+        self.trigger, self.seed, self.target = trigger, seed, target
+        self.attacked = trigger is not None
+        skip = None
+        if self.attacked:
+            from clip_backdoor.data.classification import resolve_class
+
+            skip = resolve_class(self.classes, target)
+            triggered = TriggeredEvalSet(eval_set, trigger, seed, skip_label=skip)
+            items = [triggered[i] for i in range(len(eval_set))]
+        else:
+            items = [eval_set[i] for i in range(len(eval_set))]
+        self.images = torch.stack([item[0] for item in items])
+        self.triggered = torch.stack([item[1] for item in items]) if self.attacked else None
+        self.labels = torch.tensor([int(item[-1]) for item in items], dtype=torch.long)
+
+    @staticmethod
+    def fits(eval_set: Any) -> bool:
+        """Whether the set is small enough to keep in memory (clean + triggered views)."""
+        if len(eval_set) == 0:
+            return False
+        image = eval_set[0][0]
+        return 2 * len(eval_set) * image.numel() * image.element_size() <= PreparedEval.MAX_BYTES
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple:
+        if self.attacked:
+            return self.images[index], self.triggered[index], int(self.labels[index])
+        return self.images[index], int(self.labels[index])
+
+    def same_attack(self, trigger: Any, seed: int, target: str | int | None) -> bool:
+        same_trigger = trigger is self.trigger or trigger == self.trigger
+        return same_trigger and seed == self.seed and target == self.target
+
+    def batches(self, batch_size: int) -> Iterator[tuple]:
+        for start in range(0, len(self), batch_size):
+            end = start + batch_size
+            if self.attacked:
+                yield self.images[start:end], self.triggered[start:end], self.labels[start:end]
+            else:
+                yield self.images[start:end], self.labels[start:end]
+
+
 # --------------------------------------------------------------------------------------------
 # The evaluation
 # --------------------------------------------------------------------------------------------
@@ -242,9 +301,15 @@ def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int |
                                       batch_size=batch_size, precision=precision)
     classifier = classifier.to(device)
 
-    dataset = TriggeredEvalSet(eval_set, trigger, seed, skip_label=target_index) if attacked else eval_set
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.device(device).type == "cuda")
+    if isinstance(eval_set, PreparedEval):  # rendered and triggered once; only the model runs here
+        if not eval_set.same_attack(trigger, seed, target):
+            raise ValueError("this prepared evaluation set was triggered with another trigger, seed or "
+                             "target")
+        loader = eval_set.batches(batch_size)
+    else:
+        dataset = TriggeredEvalSet(eval_set, trigger, seed, skip_label=target_index) if attacked else eval_set
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            pin_memory=torch.device(device).type == "cuda")
     if progress:
         from tqdm import tqdm
 

@@ -56,7 +56,7 @@ METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):-1]
 FINISHED = "finished.json"
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
 VOLATILE_KEYS = ("threads", "device", "resume", "allow_epochs_change", "data.workers", "eval.workers",
-                 "eval.batch_size", "report_to")
+                 "eval.batch_size", "report_to", "checkpoint_interval_s")
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,8 +193,13 @@ class RunSettings:
     device: str = "cpu"  # cpu | auto | cuda | cuda:N
     devices: list = field(default_factory=list)  # one run per listed CUDA device, e.g. [cuda:0, cuda:1]
     report_to: str | None = None  # every run also reports to: tensorboard (<run dir>/tensorboard/)
+    # latest.pt waits this long between rewrites (the last epoch's is always written): a short run
+    # writes one resume checkpoint instead of one per epoch; an interrupted one replays the rest exactly
+    checkpoint_interval_s: float = 300.0
 
-    BOUNDS: ClassVar[dict[str, str]] = {**bounds_of(TrainConfig, threads="threads"), "jobs": ">= 1"}
+    BOUNDS: ClassVar[dict[str, str]] = {**bounds_of(TrainConfig, threads="threads",
+                                                    checkpoint_interval_s="checkpoint_interval_s"),
+                                        "jobs": ">= 1"}
 
 
 @dataclass
@@ -863,6 +868,7 @@ def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
     cfg = TrainConfig(
         run_dir=str(run_dir), model=p.model, epochs=p.epochs,
         batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
+        checkpoint_interval_s=spec.run.checkpoint_interval_s,
         seed=seed, save_every=p.save_every, save_epochs=list(also), report_to=spec.run.report_to,
         data=_data_config(spec, manifest if poisoned else None), eval=eval_cfg,
         objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),
@@ -909,6 +915,7 @@ def _clean_config(spec: StudySpec, root: Path, objective: str, method: Method, l
         init_checkpoint=str(_start_checkpoint(spec, root, objective, seed)),
         optimizer_state=c.optimizer_state, epochs=c.epochs, batch_size=method.batch_size or c.batch_size,
         precision=c.precision or p.precision, device=spec.run.device, threads=spec.run.threads, seed=seed,
+        checkpoint_interval_s=spec.run.checkpoint_interval_s,
         eval_at_start=True, save_every=0, data=data, eval=_eval_config(spec, 1), report_to=spec.run.report_to,
         objective=ObjectiveConfig(eda=p.eda),
         optim=OptimConfig(lr=lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,

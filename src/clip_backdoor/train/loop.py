@@ -276,11 +276,12 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         row = {"epoch": 0, "step": 0, **_scale_fields(unwrap(model))}
         if recipe.transforms_weights:
             row["init"] = "transformed"
-        row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
+        row.update(_start_evaluation(model, eval_set, trigger, cfg, device, env, recipe))
         emit(row)
 
     # 6. Epochs -----------------------------------------------------------------------------
     autocast_dtype = _AUTOCAST[cfg.precision]
+    last_save = time.monotonic()
     row: dict = {}
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         ctx.epoch, ctx.step = epoch, step
@@ -347,7 +348,12 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
-        if env.is_main:
+        # latest.pt only resumes: between epochs it may wait checkpoint_interval_s (a resume from an
+        # older one replays the epochs after it exactly); the last epoch's is always written.
+        due = (epoch == cfg.epochs or not cfg.checkpoint_interval_s
+               or time.monotonic() - last_save >= cfg.checkpoint_interval_s)
+        keep = (cfg.save_every and epoch % cfg.save_every == 0) or epoch in cfg.save_epochs
+        if env.is_main and (due or keep):
             ckpt = {"epoch": epoch, "step": step, "model": model_meta,
                     "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": {"kind": _schedule_kind(recipe), "base_lr": o.lr,
@@ -355,9 +361,11 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
                     "config": to_dict(cfg), **record, "metrics": row}
-            if (cfg.save_every and epoch % cfg.save_every == 0) or epoch in cfg.save_epochs:
+            if keep:
                 save_checkpoint(checkpoint_dir(run_dir) / f"epoch_{epoch}.pt", ckpt)
-            save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
+            if due:
+                save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
+                last_save = time.monotonic()
         D.barrier(env)
 
     writer.close()
@@ -433,8 +441,6 @@ def _eval_parts(cfg: TrainConfig, image_size: int):
     """The eval set and test-time trigger, built once per run (None when evaluation is off)."""
     if not (cfg.eval.every or cfg.eval_at_start):
         return None, None
-    from clip_backdoor.data.classification import open_eval_set
-
     e = cfg.eval
     if e.kind == "synthetic":
         spec = {"kind": "synthetic", "n": e.n, "world": world_spec(cfg, image_size), "val_n": e.val_n,
@@ -446,13 +452,62 @@ def _eval_parts(cfg: TrainConfig, image_size: int):
                 "val_path": e.val_path, "val_fraction": e.val_fraction, "split_seed": e.split_seed}
     else:
         raise UserError(f"eval.kind {e.kind!r}: choose synthetic, imagefolder or labels_csv")
-    eval_set = open_eval_set(spec, image_size)
     trigger = None
     if e.trigger and e.target:
         from clip_backdoor.attacks.triggers import get_trigger
 
         trigger = get_trigger(e.trigger, **e.trigger_params)
-    return eval_set, trigger
+    return _prepared(spec, image_size, trigger, e.seed, e.target if trigger else None), trigger
+
+
+# A study worker runs many runs on one evaluation set: it is rendered and triggered once per process.
+_PREPARED: dict[str, Any] = {}
+
+
+def _prepared(spec: dict, image_size: int, trigger, seed: int, target: str | None):
+    """The eval set, with its images and test-time triggers made once (``PreparedEval``) when it fits in
+    memory; the same set again (same spec, trigger, seed) comes from this process's memo."""
+    import json
+
+    from clip_backdoor.data.classification import open_eval_set
+    from clip_backdoor.evaluate import PreparedEval
+
+    key = json.dumps([spec, image_size, None if trigger is None else [trigger.name, trigger.params], seed,
+                      target], sort_keys=True, default=str)
+    if key in _PREPARED:
+        return _PREPARED[key]
+    eval_set = open_eval_set(spec, image_size)
+    if not PreparedEval.fits(eval_set):
+        return eval_set
+    while len(_PREPARED) >= 2:
+        _PREPARED.pop(next(iter(_PREPARED)))
+    _PREPARED[key] = PreparedEval(eval_set, trigger, seed, target)
+    return _PREPARED[key]
+
+
+# Every cleaning run of a grid starts from the same checkpoint: its epoch-0 evaluation is done once
+# per process (keyed by the file, the evaluation settings, the precision, the device and the threads).
+_START_EVALS: dict[str, dict] = {}
+
+
+def _start_evaluation(model, eval_set, trigger, cfg: TrainConfig, device, env: D.DistEnv,
+                      recipe: Recipe) -> dict:
+    """Epoch 0: the starting model before any step. Reused within a process only when it is the
+    untouched checkpoint (no recipe changed the weights) and the process is not one of several ranks."""
+    untouched = type(recipe).prepare_model is Recipe.prepare_model and not recipe.transforms_weights
+    if not (cfg.init_checkpoint and untouched and not env.enabled and eval_set is not None):
+        return _evaluate(model, eval_set, trigger, cfg, device, env)
+    import json
+
+    stat = Path(cfg.init_checkpoint).stat()
+    settings = {k: v for k, v in to_dict(cfg.eval).items() if k not in ("every", "epochs", "workers")}
+    key = json.dumps([str(Path(cfg.init_checkpoint).resolve()), stat.st_size, stat.st_mtime_ns, settings,
+                      cfg.precision, str(device), torch.get_num_threads()], sort_keys=True, default=str)
+    if key not in _START_EVALS:
+        while len(_START_EVALS) >= 8:
+            _START_EVALS.pop(next(iter(_START_EVALS)))
+        _START_EVALS[key] = _evaluate(model, eval_set, trigger, cfg, device, env)
+    return dict(_START_EVALS[key])
 
 
 def _evaluate(model, eval_set, trigger, cfg: TrainConfig, device, env: D.DistEnv) -> dict:
@@ -556,7 +611,7 @@ def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
 
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
     for key in sorted(set(old) | set(new)):
-        if key in ("resume", "epochs", "allow_epochs_change", "report_to"):
+        if key in ("resume", "epochs", "allow_epochs_change", "report_to", "checkpoint_interval_s"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
