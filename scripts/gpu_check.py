@@ -162,7 +162,8 @@ def main(argv: list[str]) -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (use --device cpu --quick for the CPU dry run)", file=sys.stderr)
+        print("gpu_check: no CUDA device here (use --device cpu --quick for the CPU dry run)",
+              file=sys.stderr)
         return 2
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory() as tmp_name:
