@@ -722,3 +722,25 @@ def test_latest_checkpoint_interval_skips_writes_and_resume_stays_exact(tmp_path
     assert not (tmp_path / "cut" / "checkpoints" / "latest.pt").exists()
     train(cfg_for(tmp_path / "cut", *args))  # no checkpoint: a fresh start owns the metrics
     assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_align_grad_layouts_restrides_only_1x1_weights_and_changes_no_value():
+    from clip_backdoor.models import create_model
+    from clip_backdoor.train.checkpoint import plain
+    from clip_backdoor.train.distributed import align_grad_layouts
+
+    model = create_model("tiny", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one_by_one = [n for n, p in model.named_parameters() if p.ndim == 4 and p.shape[2:] == (1, 1)]
+    assert align_grad_layouts(model) == len(one_by_one) > 0 and align_grad_layouts(model) == 0
+    params = dict(model.named_parameters())
+    for name in one_by_one:
+        c = params[name].shape[1]
+        assert params[name].stride() == (c, 1, c, c)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    saved = plain(model.state_dict())
+    assert all(v.stride() == torch.empty(v.shape).stride() for v in saved.values() if v.ndim)
+    # the gradient of a 1x1 convolution on channels-last input now has the weight's strides
+    out = model(image=torch.randn(2, 3, 32, 32), text=torch.randint(1, 100, (2, 16)))
+    out["image_features"].sum().backward()
+    assert all(params[n].grad.stride() == params[n].stride() for n in one_by_one)

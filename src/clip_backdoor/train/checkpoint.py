@@ -26,6 +26,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def plain(value):
+    """``value`` with every tensor in standard (row-major) strides: what a checkpoint holds, whatever
+    layout training used (see ``distributed.align_grad_layouts``)."""
+    if isinstance(value, torch.Tensor):
+        standard = value.is_contiguous() and value.stride() == torch.empty(value.shape).stride()
+        return value if standard or value.ndim == 0 else value.clone(memory_format=torch.contiguous_format)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: str | Path, ckpt: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)

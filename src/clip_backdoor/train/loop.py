@@ -32,7 +32,7 @@ from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_tem
 from clip_backdoor.objectives import Objective
 from clip_backdoor.train import distributed as D
 from clip_backdoor.train import scalars
-from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, save_checkpoint, unwrap
+from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, plain, save_checkpoint, unwrap
 from clip_backdoor.train.optim import build_optimizer, lr_at, schedule_warning, set_lr
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         recipe.prepare_model(model, ctx)
     recipe.setup(model, ctx)  # fresh or resumed: what a recipe keeps outside the checkpoint
     if env.enabled:
+        D.align_grad_layouts(model)  # DDP's buckets then match the channels-last gradients: no copies
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
         ctx.model = model
@@ -355,7 +356,8 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         keep = (cfg.save_every and epoch % cfg.save_every == 0) or epoch in cfg.save_epochs
         if env.is_main and (due or keep):
             ckpt = {"epoch": epoch, "step": step, "model": model_meta,
-                    "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "state_dict": plain(unwrap(model).state_dict()),
+                    "optimizer": plain(optimizer.state_dict()),
                     "scheduler": {"kind": _schedule_kind(recipe), "base_lr": o.lr,
                                   "warmup_steps": o.warmup_steps, "total_steps": total_steps},
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
