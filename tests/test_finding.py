@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from clip_backdoor.study import finding
+from clip_backdoor.study import finding, stats
 from clip_backdoor.study.select import COLUMNS
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -62,6 +62,10 @@ def test_established_with_the_numbers_of_an_independent_t_test():
     assert "seed 0: -6.0% vs -50.0%" in text and "MMCL lost less accuracy in 4 of 4 seeds" in text
     mean = statistics.fmean(differences)
     assert f"paired difference {mean * 100:+.1f} ± " in text and f"t(3) = {t:.2f}" in text
+    # the planning estimate (stats.paired_t_power is tested against scipy's noncentral t)
+    sd = statistics.stdev(differences)
+    assert "power at the observed mean and spread 100% with 4 seeds, 2 seeds reach 80%" in text
+    assert stats.paired_t_power(mean, sd, 2) >= 0.8
 
 
 def test_noise_is_not_established_and_says_why():

@@ -124,3 +124,33 @@ def test_paired_t_degenerate_cases():
     assert zero.p == 1.0 and zero.t == 0.0
     same = stats.paired_t([0.2, 0.2, 0.2])
     assert same.p == 0.0 and same.t == math.inf and same.half_width == 0.0
+
+
+@pytest.mark.parametrize("mean,sd,n", [(53.0, 28.1, 3), (53.0, 28.1, 5), (1.0, 1.0, 2), (0.3, 1.0, 10),
+                                       (0.5, 1.0, 30), (-2.0, 1.0, 4), (0.0, 1.0, 6)])
+def test_paired_t_power_matches_scipy_noncentral_t(mean, sd, n):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    df, delta = n - 1, mean / sd * math.sqrt(n)
+    c = scipy_stats.t.ppf(0.975, df)
+    expected = scipy_stats.nct.sf(c, df, delta) + scipy_stats.nct.cdf(-c, df, delta)
+    assert stats.paired_t_power(mean, sd, n, 0.95) == pytest.approx(expected, abs=1e-8)
+
+
+def test_paired_t_power_is_the_rejection_rate_of_simulated_studies():
+    rng = random.Random(0)
+    mean, sd, n, draws = 0.8, 1.0, 6, 4000
+    rejected = sum(stats.paired_t([rng.gauss(mean, sd) for _ in range(n)]).p < 0.05 for _ in range(draws))
+    power = stats.paired_t_power(mean, sd, n)
+    assert abs(rejected / draws - power) < 4 * math.sqrt(power * (1 - power) / draws)
+    # no effect: the test's size is its level
+    assert stats.paired_t_power(0.0, 1.0, 8) == pytest.approx(0.05, abs=1e-9)
+
+
+def test_seeds_for_power_and_bad_input():
+    n = stats.seeds_for_power(53.0, 28.1, power=0.8)
+    assert stats.paired_t_power(53.0, 28.1, n) >= 0.8 > stats.paired_t_power(53.0, 28.1, n - 1)
+    assert stats.seeds_for_power(1e-6, 1.0, max_n=20) is None
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.paired_t_power(1.0, 1.0, 1)
+    with pytest.raises(ValueError, match="standard deviation"):
+        stats.paired_t_power(1.0, 0.0, 5)

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # --quick: the demo study shrunk to a few minutes on 2 cores (same grid shape, smaller everything).
 QUICK = [
     "name=demo-quick",
+    "seeds=[0]",
     "data.num_samples=4000",
     "attack.n=800",  # the demo's 20% poison rate
     "pretrain.epochs=5",

@@ -24,11 +24,12 @@ are the oracle's (and the sentence says so).
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from clip_backdoor.study import select
-from clip_backdoor.study.stats import PairedTest, paired_t
+from clip_backdoor.study.stats import PairedTest, paired_t, paired_t_power, seeds_for_power
 
 MIN_SEEDS = 3
 METHOD = "cleanclip"
@@ -166,6 +167,7 @@ def sentence(c: Comparison, *, confidence: float = select.DEFAULT_CONFIDENCE,
         unit = "points of relative change" if c.kind == "tau" else "points of ASR"
         text += (f"; paired difference {c.test.mean * 100:+.1f}{interval} {unit} ({confidence * 100:g}% CI), "
                  f"two-sided paired t-test t({c.test.df}) = {c.test.t:.2f}, p = {_p(c.test.p)}")
+        text += _power(c, confidence)
     if c.reason:
         text += f" — {c.reason}"
     text += "."
@@ -175,6 +177,17 @@ def sentence(c: Comparison, *, confidence: float = select.DEFAULT_CONFIDENCE,
                  f" (* no checkpoint kept ≥ {select.KEEP_ACCURACY * 100:g}% of the accuracy: counted with "
                  "the poisoned model's ASR.)")
     return text
+
+
+def _power(c: Comparison, confidence: float) -> str:
+    """A planning estimate: the test's power if the true differences had the observed mean and spread."""
+    sd = statistics.stdev(c.differences)
+    if not sd > 0 or c.test.mean == 0:
+        return ""
+    power = paired_t_power(c.test.mean, sd, c.n, confidence)
+    needed = seeds_for_power(c.test.mean, sd, 0.8, confidence)
+    need = f"{needed} seeds reach 80%" if needed else "no feasible number of seeds reaches 80%"
+    return f"; power at the observed mean and spread {power * 100:.0f}% with {c.n} seeds, {need}"
 
 
 def _fmt(x: float, kind: str) -> str:

@@ -6,6 +6,9 @@
 - ``wilson``: the Wilson score interval of a binomial proportion k / n, the set of p with
   (k/n − p)² ≤ z² p (1 − p) / n; it stays inside [0, 1] and is honest at k = 0 (where ASR often is).
 - ``paired_t``: the two-sided paired t-test of per-seed differences.
+- ``paired_t_power``: that test's power for n seeds when the differences are normal with a given mean
+  and standard deviation: P(|T| > t_crit) under the noncentral t with δ = mean / sd · √n, integrated
+  over the χ² denominator (Simpson's rule). ``seeds_for_power``: the smallest n reaching a power.
 """
 
 from __future__ import annotations
@@ -200,3 +203,36 @@ def paired_t(differences: Sequence[float], confidence: float = 0.95) -> PairedTe
         t = mean / (sd / math.sqrt(n))
         p = min(1.0, 2.0 * t_cdf(-abs(t), n - 1))
     return PairedTest(n, mean, t_half_width(d, confidence), t, n - 1, p)
+
+
+def paired_t_power(mean: float, sd: float, n: int, confidence: float = 0.95) -> float:
+    """Power of the two-sided paired t-test at level 1 − confidence for n ≥ 2 normal differences."""
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 differences (got {n})")
+    if not sd > 0:
+        raise ValueError(f"the differences' standard deviation must be > 0 (got {sd})")
+    df = n - 1
+    c = t_ppf(0.5 + check_confidence(confidence) / 2.0, df)
+    delta = abs(mean) / sd * math.sqrt(n)
+    # T = (Z + δ) / S with S = sqrt(χ²_df / df), whose density is ∝ s^(df−1) exp(−df s² / 2).
+    log_norm = math.log(2.0) + (df / 2.0) * math.log(df / 2.0) - math.lgamma(df / 2.0)
+    steps, upper = 4000, 1.0 + 12.0 / math.sqrt(df)
+    h = upper / steps
+    total = 0.0
+    for i in range(steps + 1):
+        s = i * h
+        density = 0.0 if s == 0.0 and df > 1 else math.exp(log_norm + (df - 1) * math.log(s or _TINY)
+                                                             - df * s * s / 2.0)
+        reject = norm_cdf(delta - c * s) + norm_cdf(-delta - c * s)
+        weight = 1 if i in (0, steps) else (4 if i % 2 else 2)
+        total += weight * density * reject
+    return min(1.0, total * h / 3.0)
+
+
+def seeds_for_power(mean: float, sd: float, power: float = 0.8, confidence: float = 0.95,
+                    max_n: int = 1000) -> int | None:
+    """The smallest number of seeds whose paired t-test reaches ``power`` (None beyond max_n)."""
+    for n in range(2, max_n + 1):
+        if paired_t_power(mean, sd, n, confidence) >= power:
+            return n
+    return None
