@@ -200,7 +200,28 @@ class DeepClustering(CleaningRecipe):
         log.info("deep-clustering: %d clusters over %d images (largest %d, empty %d)", k, len(row_ids),
                  int(sizes.max()), int((sizes == 0).sum()))
 
+    def state_dict(self) -> dict:
+        """This epoch's clusters and head, so a run resumed mid-epoch goes on with them (the model
+        they were computed from no longer exists)."""
+        if getattr(self, "head", None) is None:
+            return {}
+        return {"assignment": dict(self.assignment), "head": self.head.state_dict(),
+                "head_opt": self.head_opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.assignment = dict(state["assignment"])
+        out_features, in_features = state["head"]["weight"].shape
+        self.head = torch.nn.Linear(in_features, out_features)
+        self.head.load_state_dict(state["head"])
+        self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=self.params["head_lr"], weight_decay=0.0)
+        self.head_opt.load_state_dict(state["head_opt"])
+
     def extra_losses(self, outputs: dict, batch: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
+        if self.head.weight.device != ctx.device:  # restored from a checkpoint on the CPU
+            self.head.to(ctx.device)
+            self.head_opt.load_state_dict(self.head_opt.state_dict())  # moves its moments along
         n = len(batch["row_ids"])
         targets = torch.tensor([self.assignment[r] for r in batch["row_ids"]], device=ctx.device)
         logits = self.head(outputs["image_features"][:n].float())

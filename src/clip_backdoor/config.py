@@ -97,6 +97,8 @@ class TrainConfig:
     seed: int = 0  # training seed: init, data order, augmentations (poison seed lives elsewhere)
     eval_at_start: bool = False  # evaluate before the first step (epoch 0 of a cleaning run)
     save_every: int = 1  # also keep checkpoints/epoch_N.pt every K epochs (0 = latest.pt only)
+    save_every_steps: int = 0  # also write an exact mid-epoch latest.pt every N steps (0 = never)
+    stop_epoch: int | None = None  # pause after this epoch; the lr schedule stays that of `epochs`
     resume: bool = True  # continue from run_dir/checkpoints/latest.pt when present
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -6,7 +6,9 @@ Read it top to bottom: 1. processes and device  2. data  3. model  4. optimizer 
 
 Determinism: the data order depends on (seed, epoch), every augmentation on (seed, step) or
 (seed, row, epoch), never on global RNG state. So resuming from the end of epoch k replays
-epochs k+1.. exactly like an uninterrupted run (same thread count).
+epochs k+1.. exactly like an uninterrupted run (same thread count). A mid-epoch checkpoint
+(``save_every_steps``, or a preemption signal: ``train/preempt.py``) also holds the position within
+the epoch and the epoch's running loss sums, so the resumed epoch continues at the next batch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_jsonl
 from clip_backdoor.objectives import Objective
 from clip_backdoor.train import distributed as D
+from clip_backdoor.train import preempt
 from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, save_checkpoint, unwrap
 from clip_backdoor.train.optim import build_optimizer, lr_at, set_lr
 
@@ -96,7 +99,15 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
-    """Run (or resume, or report finished) one training run; returns the last metrics line."""
+    """Run (or resume, or report finished) one training run; returns the last metrics line.
+
+    Raises :class:`~clip_backdoor.train.preempt.Preempted` after SIGTERM/SIGUSR1/SIGUSR2, once the
+    current step is done and a resumable checkpoint is written."""
+    with preempt.Guard() as guard:
+        return _train(cfg, recipe, guard)
+
+
+def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dict:
     recipe = recipe or Recipe()
     run_dir = Path(cfg.run_dir)
 
@@ -113,6 +124,11 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         raise UserError(f"optimizer_state {cfg.optimizer_state!r}: choose fresh or inherit")
     if cfg.epochs < 1:
         raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.stop_epoch is not None and cfg.stop_epoch < 1:
+        raise UserError(f"stop_epoch must be >= 1, got {cfg.stop_epoch}")
+    if cfg.save_every_steps < 0:
+        raise UserError(f"save_every_steps must be >= 0, got {cfg.save_every_steps}")
+    last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)  # the schedule is always `epochs` long
 
     # A finished run is reported, not retrained.
     latest = latest_path(run_dir)
@@ -121,9 +137,10 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         from clip_backdoor.weights import load_checkpoint
 
         resume_ckpt = load_checkpoint(latest)
-        if resume_ckpt["epoch"] >= cfg.epochs:
+        if resume_ckpt["epoch"] >= last_epoch:
             lines = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-            log.info("%s is finished (epoch %d of %d); nothing to do", run_dir, resume_ckpt["epoch"],
+            state = "finished" if resume_ckpt["epoch"] >= cfg.epochs else f"paused (stop_epoch {last_epoch})"
+            log.info("%s is %s (epoch %d of %d); nothing to do", run_dir, state, resume_ckpt["epoch"],
                      cfg.epochs)
             return lines[-1] if lines else {"epoch": resume_ckpt["epoch"]}
 
@@ -160,6 +177,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
 
     # 5. Resume -----------------------------------------------------------------------------
     start_epoch, step = 0, 0
+    mid_epoch = None  # where a mid-epoch checkpoint stopped inside epoch start_epoch + 1
     metrics_path = run_dir / "metrics.jsonl"
     if resume_ckpt is not None:
         unwrap(model).load_state_dict(resume_ckpt["state_dict"])
@@ -168,10 +186,12 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             scaler.load_state_dict(resume_ckpt["scaler"])
         recipe.load_state_dict(resume_ckpt.get("recipe") or {})
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
+        mid_epoch = preempt_resume_point(resume_ckpt, steps_per_epoch)
         _warn_config_drift(resume_ckpt.get("config") or {}, to_dict(cfg))
         if env.is_main and metrics_path.exists():  # drop lines written after the checkpoint
             write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch])
-        log.info("resuming %s from epoch %d (step %d)", run_dir, start_epoch, step)
+        where = f", batch {mid_epoch['batches']} of epoch {start_epoch + 1}" if mid_epoch else ""
+        log.info("resuming %s from epoch %d (step %d%s)", run_dir, start_epoch, step, where)
     elif env.is_main:
         if metrics_path.exists():
             metrics_path.unlink()  # a fresh start owns its metrics file
@@ -199,14 +219,31 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     # 6. Epochs -----------------------------------------------------------------------------
     autocast_dtype = _AUTOCAST[cfg.precision]
     row: dict = {}
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    sched = {"kind": "warmup_cosine", "base_lr": o.lr, "warmup_steps": o.warmup_steps,
+             "total_steps": total_steps}
+
+    def checkpoint(epoch: int, mid: dict | None = None) -> dict:
+        return {"epoch": epoch, "step": step, "model": model_meta,
+                "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": sched, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
+                "config": to_dict(cfg), **({"mid_epoch": mid} if mid else {})}
+
+    for epoch in range(start_epoch + 1, last_epoch + 1):
         ctx.epoch, ctx.step = epoch, step
+        mid, mid_epoch = mid_epoch, None  # preemption: only the first resumed epoch starts mid-way
         loader.set_epoch(epoch)
-        recipe.on_epoch_start(ctx)
+        if not (mid and mid["recipe_restored"]):  # a restored recipe already holds this epoch's state
+            recipe.on_epoch_start(ctx)
         model.train()
-        sums: dict[str, float] = {}
-        n_seen, n_skipped, t0 = 0, 0, time.perf_counter()
+        sums: dict[str, float] = dict(mid["sums"]) if mid else {}
+        n_seen, n_skipped = (mid["n_seen"], mid["n_skipped"]) if mid else (0, 0)
+        t0 = time.perf_counter() - (mid["seconds"] if mid else 0.0)
+        lr = mid["lr"] if mid else o.lr
+        if mid:
+            loader.set_epoch(epoch, start_batch=mid["batches"])
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                   initial=mid["batches"] if mid else 0,
                    disable=not env.is_main or not sys.stderr.isatty(), mininterval=1.0)
         for batch in bar:
             lr = lr_at(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps)
@@ -239,6 +276,18 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             n_skipped += int(batch.get("n_skipped", 0))
             if env.is_main and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            # --- preemption: a signal (or save_every_steps) writes an exact mid-epoch checkpoint
+            stop = guard.stop(env, device)
+            if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+                batches = step - (epoch - 1) * steps_per_epoch
+                if env.is_main and (stop or batches < steps_per_epoch):  # the epoch end saves anyway
+                    save_checkpoint(latest, checkpoint(epoch - 1, {
+                        "epoch": epoch, "batches": batches, "sums": sums, "n_seen": n_seen,
+                        "n_skipped": n_skipped, "seconds": time.perf_counter() - t0, "lr": lr,
+                        "steps_per_epoch": steps_per_epoch}))
+                D.barrier(env)
+                if stop:
+                    raise preempt.Preempted(guard.signum, step, str(latest))
         seconds = time.perf_counter() - t0
 
         row = {"epoch": epoch, "step": step}
@@ -253,17 +302,13 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         emit(row)
 
         if env.is_main:
-            ckpt = {"epoch": epoch, "step": step, "model": model_meta,
-                    "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": {"kind": "warmup_cosine", "base_lr": o.lr, "warmup_steps": o.warmup_steps,
-                                  "total_steps": total_steps},
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
-                    "config": to_dict(cfg)}
+            ckpt = checkpoint(epoch)
             if cfg.save_every and epoch % cfg.save_every == 0:
                 save_checkpoint(checkpoint_dir(run_dir) / f"epoch_{epoch}.pt", ckpt)
             save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
         D.barrier(env)
+        if epoch < last_epoch and guard.stop(env, device):  # preemption between epochs: this one is saved
+            raise preempt.Preempted(guard.signum, step, str(latest))
 
     D.cleanup(env)
     return row
@@ -420,9 +465,22 @@ def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
                     "is NOT applied (this is the reference code's behaviour)", inherited, requested_wd)
 
 
+def preempt_resume_point(ckpt: dict, steps_per_epoch: int) -> dict | None:
+    """The position a mid-epoch checkpoint holds, or None for an epoch-end one."""
+    mid = ckpt.get("mid_epoch")
+    if not mid:
+        return None
+    if mid["steps_per_epoch"] != steps_per_epoch or mid["epoch"] != ckpt["epoch"] + 1:
+        raise UserError(f"resume: the mid-epoch checkpoint (batch {mid['batches']} of "
+                        f"{mid['steps_per_epoch']} in epoch {mid['epoch']}) does not fit {steps_per_epoch} "
+                        "batches per epoch; the batch size, data or number of ranks changed since it was "
+                        "written")
+    return {**mid, "recipe_restored": bool(ckpt.get("recipe"))}
+
+
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
     for key in sorted(set(old) | set(new)):
-        if key in ("resume", "epochs"):
+        if key in ("resume", "epochs", "stop_epoch"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -1,0 +1,191 @@
+"""Preemption-safe, mid-epoch exact resume: a real SIGTERM at a random step, a crash after a periodic
+mid-epoch checkpoint, and a paused run (stop_epoch) all end exactly like an uninterrupted run."""
+
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+from clip_backdoor import cleaning
+from clip_backdoor.config import TrainConfig, load_config
+from clip_backdoor.data.captions import make_source
+from clip_backdoor.data.loader import build_train_loader
+from clip_backdoor.errors import UserError
+from clip_backdoor.fileio import read_jsonl
+from clip_backdoor.train.loop import Recipe, train
+from clip_backdoor.train.preempt import Guard, Preempted
+from clip_backdoor.weights import load_checkpoint
+
+# 256 pairs in batches of 32: 8 steps an epoch, so an interruption can land anywhere inside one.
+SMALL = ["data.num_samples=256", "data.workers=0", "batch_size=32", "eval.n=40", "eval.batch_size=40",
+         "optim.warmup_steps=2", "optim.lr=2e-3", "threads=1", "save_every=0"]
+STEPS_PER_EPOCH = 8
+
+
+def cfg_for(run_dir, *extra):
+    return load_config(TrainConfig, None, [f"run_dir={run_dir}", *SMALL, *extra])
+
+
+def comparable(run_dir):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+            for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "latest.pt")["state_dict"]
+
+
+def assert_same_run(a, b):
+    assert comparable(a) == comparable(b)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class SignalAt(Recipe):
+    """Sends this process a real signal from inside training step ``step`` (0-based)."""
+
+    def __init__(self, step, signum=signal.SIGTERM, inner=None):
+        self.at, self.signum, self.inner = step, signum, inner or Recipe()
+        self.name, self.params = self.inner.name, self.inner.params
+
+    def on_epoch_start(self, ctx):
+        self.inner.on_epoch_start(ctx)
+
+    def extra_losses(self, outputs, batch, ctx):
+        if ctx.step == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.inner.extra_losses(outputs, batch, ctx)
+
+    def extra_optimizers(self):
+        return self.inner.extra_optimizers()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+class CrashAt(Recipe):
+    def __init__(self, step):
+        self.at = step
+
+    def extra_losses(self, outputs, batch, ctx):
+        if ctx.step == self.at:
+            raise KeyboardInterrupt
+        return {}
+
+
+@pytest.fixture(scope="module")
+def full_ssl(tmp_path_factory):
+    """The uninterrupted reference: 2 epochs of MMCL+SSL (image views and EDA captions)."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    train(cfg_for(run, "epochs=2", "objective.ssl_weight=1"))
+    return run
+
+
+def test_sigterm_at_a_random_step_resumes_exactly(full_ssl, tmp_path):
+    step = random.Random(12).randrange(1, 2 * STEPS_PER_EPOCH - 1)  # anywhere but the very ends
+    cut = tmp_path / "cut"
+    with pytest.raises(Preempted) as info:
+        train(cfg_for(cut, "epochs=2", "objective.ssl_weight=1"), SignalAt(step))
+    assert info.value.step == step + 1  # the step in flight was finished
+    ckpt = load_checkpoint(cut / "checkpoints" / "latest.pt")
+    assert ckpt["step"] == step + 1 and ckpt["mid_epoch"]["batches"] == (step + 1) % STEPS_PER_EPOCH
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard gave the handler back
+    train(cfg_for(cut, "epochs=2", "objective.ssl_weight=1"))
+    assert_same_run(full_ssl, cut)
+
+
+def test_sigusr1_with_dataloader_workers_resumes_exactly(tmp_path):
+    # Two workers: worker 0 builds the even batches, worker 1 the odd ones; resuming at an odd batch
+    # checks that the collection order survives the skipped part.
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["epochs=2", "data.workers=2"]
+    train(cfg_for(full, *args))
+    with pytest.raises(Preempted):
+        train(cfg_for(cut, *args), SignalAt(STEPS_PER_EPOCH + 2, signal.SIGUSR1))  # 3 batches of epoch 2
+    assert load_checkpoint(cut / "checkpoints" / "latest.pt")["mid_epoch"]["batches"] == 3
+    assert [r["epoch"] for r in read_jsonl(cut / "metrics.jsonl")] == [1]
+    train(cfg_for(cut, *args))
+    assert_same_run(full, cut)
+
+
+def test_a_crash_resumes_from_the_last_periodic_mid_epoch_checkpoint(full_ssl, tmp_path):
+    cut = tmp_path / "cut"
+    args = ["epochs=2", "objective.ssl_weight=1", "save_every_steps=3"]
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(cut, *args), CrashAt(STEPS_PER_EPOCH + 5))  # after the save at step 12
+    ckpt = load_checkpoint(cut / "checkpoints" / "latest.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["mid_epoch"]["batches"]) == (1, 12, 4)
+    train(cfg_for(cut, *args))
+    assert_same_run(full_ssl, cut)
+
+
+def test_deep_clustering_resumes_mid_epoch_with_its_clusters(full_ssl, tmp_path):
+    start = ["method=deep-clustering", "eval_at_start=true", "epochs=2",
+             f"init_checkpoint={full_ssl / 'checkpoints' / 'latest.pt'}"]
+    params = {"clusters": 4, "iterations": 3}
+
+    def recipe():
+        return cleaning.build_recipe("deep-clustering", params)
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(cfg_for(full, *start), recipe())
+    with pytest.raises(Preempted):
+        train(cfg_for(cut, *start), SignalAt(STEPS_PER_EPOCH + 4, inner=recipe()))
+    train(cfg_for(cut, *start), recipe())
+    assert_same_run(full, cut)
+
+
+def test_stop_epoch_pauses_on_the_full_schedule(full_ssl, tmp_path, caplog):
+    paused = tmp_path / "paused"
+    row = train(cfg_for(paused, "epochs=2", "objective.ssl_weight=1", "stop_epoch=1"))
+    assert row["epoch"] == 1 and [r["epoch"] for r in read_jsonl(paused / "metrics.jsonl")] == [1]
+    assert comparable(paused) == comparable(full_ssl)[:1]  # same lr schedule: the 2-epoch one
+    caplog.set_level("INFO")
+    train(cfg_for(paused, "epochs=2", "objective.ssl_weight=1", "stop_epoch=1"))
+    assert "paused (stop_epoch 1)" in caplog.text
+    train(cfg_for(paused, "epochs=2", "objective.ssl_weight=1"))
+    assert_same_run(full_ssl, paused)
+
+
+def test_mid_epoch_checkpoint_refuses_another_batch_size(tmp_path):
+    cut = tmp_path / "cut"
+    with pytest.raises(Preempted):
+        train(cfg_for(cut, "epochs=1"), SignalAt(2))
+    with pytest.raises(UserError, match="batch 3 of 8 in epoch 1.*does not fit 4 batches per epoch"):
+        train(cfg_for(cut, "epochs=1", "batch_size=64"))
+
+
+def test_loader_started_mid_epoch_yields_the_rest_of_the_epoch():
+    source = make_source({"kind": "synthetic", "num_samples": 96, "seed": 0, "world": {"image_size": 32}})
+    for workers in (0, 2):
+        loader = build_train_loader(source, image_size=32, context_length=16, batch_size=8, workers=workers,
+                                    seed=3)
+        loader.set_epoch(2)
+        whole = [b["row_ids"] for b in loader]
+        loader.set_epoch(2, start_batch=5)
+        assert [b["row_ids"] for b in loader] == whole[5:]
+        loader.set_epoch(3)
+        assert len(list(loader)) == 12  # the next epoch starts at its beginning again
+    with pytest.raises(UserError, match="start_batch 13"):
+        loader.set_epoch(1, start_batch=13)
+
+
+def test_guard_restores_handlers_and_ignores_other_threads():
+    import threading
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with Guard() as guard:
+        assert signal.getsignal(signal.SIGUSR1) == guard._handle
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert guard.signum == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) == before
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("g", Guard().__enter__()))
+    thread.start()
+    thread.join()
+    assert result["g"]._previous == {}
