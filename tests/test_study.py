@@ -16,7 +16,7 @@ from clip_backdoor.study import runner
 from clip_backdoor.study.spec import expand, format_lr, load_spec, parse_spec
 
 COLUMNS = ["seed", "stage", "pretrain", "method", "lr", "k", "epoch", "step", "acc1", "acc5", "asr1", "asr5",
-           "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run"]
+           "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run", "pruned"]
 
 
 def tiny(**sections) -> dict:

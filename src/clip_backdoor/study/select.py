@@ -34,8 +34,9 @@ from pathlib import Path
 from clip_backdoor.errors import UserError
 
 COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "epoch", "step", "acc1", "acc5", "asr1",
-           "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run")
-INT_COLUMNS = frozenset({"seed", "k", "epoch", "step", "n", "n_asr"})
+           "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run", "pruned")
+# pruned: the epoch at which successive halving stopped the run (cleaning.prune), empty otherwise
+INT_COLUMNS = frozenset({"seed", "k", "epoch", "step", "n", "n_asr", "pruned"})
 FLOAT_COLUMNS = frozenset({"lr", "acc1", "acc5", "asr1", "asr5", "ra1", "loss", "loss_mmcl", "loss_ssl"})
 REQUIRED_COLUMNS = ("stage", "pretrain", "epoch")
 METRICS = ("acc1", "acc5", "asr1", "asr5", "ra1")
@@ -246,6 +247,15 @@ def poisoned_models(rows: Sequence[dict]) -> dict[tuple, dict]:
     return found
 
 
+def pruned_runs(rows: Sequence[dict]) -> dict[tuple, set]:
+    """(seed, pretrain, method, k) -> the runs of that group stopped early by pruning."""
+    out: dict[tuple, set] = defaultdict(set)
+    for r in clean_rows(typed_rows(rows)):
+        if r.get("pruned") is not None:
+            out[group_key(r)].add(r.get("run") or run_key(r))
+    return dict(out)
+
+
 def cleaning_points(rows: Sequence[dict]) -> dict[tuple, list[Point]]:
     """(seed, pretrain, method, k) -> its cleaned checkpoints (epoch ≥ 1 with a finite acc1).
 
@@ -324,26 +334,30 @@ def relative_change(acc: float | None, acc0: float | None) -> float | None:
 def select_per_seed(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS) -> list[dict]:
     """One row per (seed, pretrain, method, k, rule): the chosen point, or a status saying why none.
 
-    status: ok | none (ASR measured, no point qualifies) | no-asr (no point has an ASR) |
-    no-points (no cleaned epoch evaluated yet).
+    status: ok | none (ASR measured, no point qualifies) | not-explored (none among the points
+    trained, and some runs of the group were pruned before their last epoch) | no-asr (no point has
+    an ASR) | no-points (no cleaned epoch evaluated yet).
     """
     rows = typed_rows(rows)
     poisoned = poisoned_models(rows)
     out = []
     groups = cleaning_points(rows)
+    pruned = pruned_runs(rows)
     for key in sort_group_keys(groups):
         seed, pretrain, method, k = key
         points = groups[key]
         base = poisoned.get((seed, pretrain), {})
         for rule in rule_names(taus):
             point, status = apply_rule(rule, points)
+            if status == "none" and pruned.get(key):
+                status = "not-explored"
             out.append({
                 "seed": seed, "pretrain": pretrain, "method": method, "k": k, "rule": rule,
                 "peeks_at_asr": rule_peeks_at_asr(rule), "status": status,
                 "acc1": point.acc1 if point else None, "asr1": point.asr1 if point else None,
                 "rel_change": relative_change(point.acc1 if point else None, base.get("acc1")),
                 "lr": point.lr if point else None, "epoch": point.epoch if point else None,
-                "n_points": len(points),
+                "n_points": len(points), "n_pruned": len(pruned.get(key, ())),
                 "poisoned_acc1": base.get("acc1"), "poisoned_asr1": base.get("asr1"),
             })
     return out
@@ -372,10 +386,12 @@ def aggregate_per_seed(per_seed: Sequence[dict]) -> list[dict]:
         group.sort(key=lambda r: r["seed"])
         found = [r for r in group if r["status"] == "ok"]
         statuses = {r["status"] for r in group}
-        status = "ok" if found else next(s for s in ("none", "no-asr", "no-points") if s in statuses)
+        status = "ok" if found else next(s for s in ("not-explored", "none", "no-asr", "no-points")
+                                         if s in statuses)
         row = {"pretrain": pretrain, "method": method, "k": k, "rule": rule,
                "peeks_at_asr": rule_peeks_at_asr(rule), "status": status,
-               "n_seeds": len(group), "n_found": len(found)}
+               "n_seeds": len(group), "n_found": len(found),
+               "n_pruned": sum(r.get("n_pruned", 0) for r in group)}
         for metric in ("acc1", "asr1", "rel_change", "poisoned_acc1", "poisoned_asr1"):
             source = group if metric.startswith("poisoned") else found
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([r[metric] for r in source])
@@ -425,16 +441,19 @@ def _seed_note(row: dict) -> str:
     return "" if row["n_found"] == row["n_seeds"] else f" ({row['n_found']}/{row['n_seeds']} seeds)"
 
 
+_STATUS_CELLS = {"none": "none", "not-explored": "not explored", "no-asr": "no ASR", "no-points": "not yet"}
+
+
 def selected_cell(row: dict, digits: int = 1) -> str:
     """The acc1 a rule chose, or why there is none."""
     if row["n_found"] == 0:
-        return {"none": "none", "no-asr": "no ASR", "no-points": "not yet"}[row["status"]]
+        return _STATUS_CELLS[row["status"]]
     return format_pct(row["acc1_mean"], row["acc1_std"], digits) + _seed_note(row)
 
 
 def min_asr_cell(row: dict, digits: int = 1) -> str:
     if row["n_found"] == 0:
-        return {"none": "none", "no-asr": "no ASR", "no-points": "not yet"}[row["status"]]
+        return _STATUS_CELLS[row["status"]]
     return format_pct(row["asr1_mean"], row["asr1_std"], digits) + _seed_note(row)
 
 
@@ -507,6 +526,12 @@ def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> str:
             f"(learning rate, epoch ≥ 1) cleaning checkpoints with ASR ≤ {tau * 100:g}% (the paper's "
             f"selection, which peeks at ASR); \"none\": no checkpoint got there; (a/b seeds): it did in "
             f"a of b seeds, and the mean is over those.")
+    runs = {r.get("run") for r in clean_rows(rows)}
+    n_pruned = len({r.get("run") for r in clean_rows(rows) if r.get("pruned") is not None})
+    if n_pruned:
+        note += (f" Pruned (cleaning.prune): {n_pruned} of {len(runs)} cleaning runs were stopped early by "
+                 f"successive halving; \"not explored\": no trained checkpoint reached ASR ≤ {tau * 100:g}% "
+                 f"and some runs of the group were stopped before their last epoch (they might have).")
     unlearned = unlearned_backdoors(rows, tau)
     if unlearned:
         plural = len(unlearned) > 1

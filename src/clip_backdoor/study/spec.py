@@ -97,6 +97,7 @@ class PretrainSpec:
     image_policy: str = "imagenet"
     eval_every: int = 1  # evaluate every N epochs (and the last)
     save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (latest.pt always)
+    save_every_steps: int = 0  # also write an exact mid-epoch latest.pt every N steps (0: epoch ends only)
 
 
 @dataclass
@@ -115,6 +116,8 @@ class CleaningSpec:
     k: list = field(default_factory=lambda: [0])  # poisons injected into the cleaning set
     optimizer_state: str = "fresh"  # fresh | inherit (reference compat)
     keep_checkpoints: bool = False  # a finished cleaning run keeps only its metrics (checkpoints are big)
+    # constrained successive halving over each group's lrs, e.g. {eta: 3, rungs: [1, 3]} (study/prune.py)
+    prune: dict | None = None
 
 
 @dataclass
@@ -132,6 +135,10 @@ class RunSettings:
     threads: int | None = None  # torch threads per job; default max(1, cores // jobs)
     device: str = "cpu"  # cpu | auto | cuda | cuda:N
     devices: list = field(default_factory=list)  # one run per listed CUDA device, e.g. [cuda:0, cuda:1]
+    executor: str = "local"  # local | slurm | ray (study/executors.py)
+    slurm: dict = field(default_factory=dict)  # partition, time, gpus_per_node, ... (study/slurm.py)
+    ray: dict = field(default_factory=dict)  # address, num_gpus, num_cpus, ... (study/ray_tasks.py)
+    claim_stale_s: float = 600.0  # a run's claim without a heartbeat for this long is taken over
 
 
 @dataclass
@@ -314,6 +321,28 @@ def _validate(spec: StudySpec) -> None:
     _unique(r.devices, "run.devices")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
         raise UserError(f"run.device: {r.device!r} is not auto, cpu, cuda or cuda:N")
+    _validate_executor(r)
+    from clip_backdoor.study.prune import parse_prune
+
+    parse_prune(spec.cleaning.prune, spec.cleaning.epochs, spec.thresholds)
+
+
+def _validate_executor(r: RunSettings) -> None:
+    """The executor's settings are checked here, without importing its package (study list works
+    without it); a missing package is reported when the executor starts."""
+    from clip_backdoor.study.executors import EXECUTORS
+
+    _choice(r.executor, EXECUTORS, "run.executor")
+    if r.slurm or r.executor == "slurm":
+        from clip_backdoor.study.slurm import parse_slurm
+
+        parse_slurm(r.slurm)
+    if r.ray or r.executor == "ray":
+        from clip_backdoor.study.ray_tasks import parse_ray
+
+        parse_ray(r.ray)
+    if isinstance(r.claim_stale_s, bool) or not r.claim_stale_s > 0:
+        raise UserError(f"run.claim_stale_s: {r.claim_stale_s!r} must be a number of seconds > 0")
 
 
 def _validate_data(d: DataSpec, e: EvalSpec) -> None:
@@ -379,6 +408,7 @@ def _check_pretrain_settings(p: PretrainSpec, where: str) -> None:
     _integer(p.warmup_steps, f"{where}.warmup_steps")
     _integer(p.eval_every, f"{where}.eval_every")
     _integer(p.save_every, f"{where}.save_every")
+    _integer(p.save_every_steps, f"{where}.save_every_steps")
     if p.lr <= 0:
         raise UserError(f"{where}.lr: {p.lr!r} must be > 0")
     _choice(p.precision, PRECISIONS, f"{where}.precision")
@@ -597,7 +627,8 @@ def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int) -> 
     return TrainConfig(
         run_dir=str(root / pretrain_name(objective, seed)), model=p.model, epochs=p.epochs,
         batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
-        seed=seed, save_every=p.save_every, data=_data_config(spec, root / POISON_DIR / MANIFEST),
+        seed=seed, save_every=p.save_every, save_every_steps=p.save_every_steps,
+        data=_data_config(spec, root / POISON_DIR / MANIFEST),
         eval=_eval_config(spec, p.eval_every),
         objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),
         optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
