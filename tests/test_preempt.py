@@ -1,6 +1,7 @@
 """Preemption-safe, mid-epoch exact resume: a real SIGTERM at a random step, a crash after a periodic
 mid-epoch checkpoint, and a paused run (stop_epoch) all end exactly like an uninterrupted run."""
 
+import json
 import os
 import random
 import signal
@@ -189,3 +190,26 @@ def test_guard_restores_handlers_and_ignores_other_threads():
     thread.start()
     thread.join()
     assert result["g"]._previous == {}
+
+
+def test_webdataset_stream_resumed_mid_epoch_yields_the_rest_of_the_epoch(tmp_path):
+    """Streams are read again up to the resume point (their position is only known by reading), so
+    the rest of the epoch, skip counts included, is the uninterrupted one, for each worker count."""
+    from clip_backdoor.data.captions import WdsSource
+    from test_captions import write_shard
+
+    for i in range(4):
+        write_shard(tmp_path / f"shard-{i:06d}.tar", [str(k) for k in range(6 * i, 6 * i + 6)])
+    with open(tmp_path / "shard-000002.tar", "r+b") as f:
+        f.truncate(1500)  # a broken shard: the rest of it is skipped and counted
+    (tmp_path / "sizes.json").write_text(json.dumps({f"shard-{i:06d}.tar": 6 for i in range(4)}))
+    for workers in (0, 2):
+        source = WdsSource(str(tmp_path / "shard-*.tar"), seed=1, shuffle_buffer=4)
+        loader = build_train_loader(source, image_size=8, context_length=16, batch_size=2, workers=workers,
+                                    seed=2)
+        loader.set_epoch(3)
+        whole = [(b["row_ids"], b["n_skipped"]) for b in loader]
+        assert len(whole) == 12 and sum(n for _, n in whole) > 0
+        for start in (1, 3, 6):
+            loader.set_epoch(3, start_batch=start)
+            assert [(b["row_ids"], b["n_skipped"]) for b in loader] == whole[start:], (workers, start)

@@ -237,6 +237,10 @@ def test_pruned_study_matches_the_replay_of_its_full_grid(tmp_path, caplog):
 
     for name in runs:
         assert timeless(full[name][:len(partial[name])]) == timeless(partial[name])
+    # study prune-check on the full grid says what the pruned study used
+    out = runner.prune_check(runner.plan_for_dir(root), None, None)
+    assert f"compute: {100 * sum(stopped.values()) / (3 * len(runs)):.1f}% of the full grid" in out
+    assert "at ASR ≤ 5%: 1 of 1 groups (100%)" in out
 
 
 def test_dry_run_submits_cleaning_runs_to_the_first_rung(tmp_path, capsys):

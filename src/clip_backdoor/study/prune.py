@@ -234,3 +234,37 @@ def simulate(rows: Mapping[str, Sequence[dict]], settings: PruneSettings, epochs
 def compute_share(trained: Mapping[str, int], epochs: int) -> float:
     """Cleaning epochs trained over those of the full grid."""
     return sum(trained.values()) / (epochs * len(trained)) if trained else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# What pruning would have done on a finished full grid (``study prune-check``)
+# ----------------------------------------------------------------------------------------------
+def replay_groups(groups: Mapping[tuple, Mapping[str, Sequence[dict]]], lrs: Mapping[str, float],
+                  settings: PruneSettings, epochs: int, agree_within: float = 0.01) -> dict:
+    """For each group of full-grid rows: the epochs pruning would have trained, and whether the
+    best accuracy at ASR ≤ τ it would have selected is the full grid's (both "none", or both found
+    with accuracies within ``agree_within``). Returns per-group records and the totals."""
+    from clip_backdoor.study.select import Point, best_at_asr
+
+    def points(rows: Mapping[str, Sequence[dict]], reach: Mapping[str, int]) -> list[Point]:
+        return [Point(lrs.get(run), int(r["epoch"]), float(r["acc1"]), _finite(r.get("asr1")))
+                for run, run_rows in rows.items() for r in run_rows
+                if 1 <= int(r["epoch"]) <= reach[run] and _finite(r.get("acc1")) is not None]
+
+    records, trained_all = [], {}
+    for key, rows in groups.items():
+        trained = simulate(rows, settings, epochs, tiebreak=lrs)
+        trained_all.update(trained)
+        full_reach = {run: epochs for run in rows}
+        record = {"group": key, "share": compute_share(trained, epochs), "taus": {}}
+        for tau in settings.thresholds:
+            full, _ = best_at_asr(points(rows, full_reach), tau)
+            pruned, _ = best_at_asr(points(rows, trained), tau)
+            both = full is not None and pruned is not None
+            same = (full is None and pruned is None) or (
+                both and abs(full.acc1 - pruned.acc1) <= agree_within + 1e-12)
+            record["taus"][tau] = {"full": full, "pruned": pruned, "same": same}
+        records.append(record)
+    agree = {tau: sum(r["taus"][tau]["same"] for r in records) for tau in settings.thresholds}
+    return {"groups": records, "share": compute_share(trained_all, epochs), "agree": agree,
+            "n_groups": len(records)}

@@ -434,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. seeds=[0,1,2] cleaning.epochs=3")
     rep = sub.add_parser("report", help="collect results.csv and write the report of a study directory")
     rep.add_argument("dir")
+    pc = sub.add_parser("prune-check", help="on a finished full grid: the compute cleaning.prune would have "
+                        "used and whether it selects the same cells")
+    pc.add_argument("dir", help="a study directory whose cleaning runs all finished without pruning")
+    pc.add_argument("--eta", type=int, help="default: the study's cleaning.prune.eta, else 3")
+    pc.add_argument("--rungs", help="comma-separated epochs, e.g. 1,3 (default: the study's, else 1,3)")
     ls = sub.add_parser("list", help="print the study's runs and whether each is finished")
     ls.add_argument("file")
     ls.add_argument("--out", help="study directory (default runs/<name>)")
@@ -487,6 +492,64 @@ def load_for_command(file: str, overrides: list[str], jobs: int | None = None,
     return spec
 
 
+def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None) -> str:
+    """``study prune-check``: replay successive halving on a finished full grid (exact: a paused
+    run's epochs are the full run's) and compare its selections with the full grid's."""
+    from clip_backdoor.study.prune import parse_prune, replay_groups
+    from clip_backdoor.study.schedule import group_of
+    from clip_backdoor.study.select import format_lr, method_label, objective_label
+
+    c = plan.spec.cleaning
+    given = dict(c.prune or {"eta": 3, "rungs": [1, 3]})
+    if eta is not None:
+        given["eta"] = eta
+    if rungs is not None:
+        try:
+            given["rungs"] = [int(r) for r in rungs.split(",")]
+        except ValueError:
+            raise UserError(f"--rungs {rungs!r}: expected comma-separated epochs, e.g. 1,3") from None
+    settings = parse_prune(given, c.epochs, plan.spec.thresholds, where="prune-check")
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    missing = []
+    for run in plan.runs:
+        if run.stage != "clean":
+            continue
+        if not finished_marker(run):
+            missing.append(run.name)
+            continue
+        groups.setdefault(group_of(run), {})[run.name] = read_jsonl(Path(run.cfg.run_dir) / "metrics.jsonl")
+    if not groups:
+        raise UserError(f"{plan.root}: no finished cleaning run to replay (run the full grid first)")
+    lrs = {r.name: r.lr for r in plan.runs if r.stage == "clean"}
+    result = replay_groups(groups, lrs, settings, c.epochs)
+    taus = settings.thresholds
+    n_runs = sum(len(g) for g in groups.values())
+    lines = [f"successive halving eta={settings.eta} rungs={list(settings.rungs)} thresholds="
+             f"{[f'{t:g}' for t in taus]} replayed on {n_runs} finished cleaning runs of {plan.root} "
+             f"({c.epochs} epochs each)", "",
+             "| group | compute | " + " | ".join(f"ASR ≤ {t * 100:g}%: full → pruned" for t in taus) + " |",
+             "|---|---|" + "---|" * len(taus)]
+
+    def cell(point) -> str:
+        if point is None:
+            return "none"
+        return f"{point.acc1 * 100:.1f} (lr {format_lr(point.lr)}, ep {point.epoch})"
+
+    for rec in result["groups"]:
+        seed, pretrain, method, k = rec["group"]
+        cells = [f"{cell(v['full'])} → {cell(v['pruned'])}{'' if v['same'] else ' **differs**'}"
+                 for v in rec["taus"].values()]
+        lines.append(f"| seed {seed}, {objective_label(pretrain)}, {method_label(method, k)} | "
+                     f"{rec['share'] * 100:.0f}% | " + " | ".join(cells) + " |")
+    n = result["n_groups"]
+    lines += ["", f"compute: {result['share'] * 100:.1f}% of the full grid's cleaning epochs"]
+    lines += [f"same selection (accuracy within 1 point, or both none) at ASR ≤ {t * 100:g}%: "
+              f"{result['agree'][t]} of {n} groups ({result['agree'][t] / n * 100:.0f}%)" for t in taus]
+    if missing:
+        lines.append(f"left out: {len(missing)} cleaning run(s) not finished (e.g. {missing[0]})")
+    return "\n".join(lines)
+
+
 def list_runs(plan: StudyPlan) -> str:
     lines = [f"{plan.root}: {len(plan.runs)} runs"]
     for stage in [plan.poison, *plan.cleaning_sets]:
@@ -519,11 +582,15 @@ def _run_state(run: Run) -> str:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # KEY=VALUE may come after the options too
-    unknown = [word for word in rest if args.action == "report" or "=" not in word or word.startswith("-")]
+    unknown = [word for word in rest if args.action in ("report", "prune-check") or "=" not in word
+               or word.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.action == "report":
         report(plan_for_dir(args.dir))
+        return 0
+    if args.action == "prune-check":
+        print(prune_check(plan_for_dir(args.dir), args.eta, args.rungs))
         return 0
     cluster = {flag: getattr(args, flag.replace("-", "_"), None) for flag in CLUSTER_FLAGS}
     spec = load_for_command(args.file, args.overrides + rest, getattr(args, "jobs", None),

@@ -163,14 +163,15 @@ class Scheduler:
 
     # -- dependencies and claims -------------------------------------------------------------------
     def _dependency(self, run: Run) -> str | None:
-        """None: can start; "wait"; or why it cannot run."""
+        """None: can start; "wait"; "held" (its pre-training run is another study run's); or why it
+        cannot run."""
         parent = run.depends_on
         if parent is None or parent in self.ok:
             return None
         if parent in self.out.failed:
             return f"not run: its pre-training run {parent} failed"
         if parent in self.out.claimed:
-            return f"not run: its pre-training run {parent} is held by {self.out.claimed[parent]}"
+            return "held"
         if parent in self.todo_names:
             return "wait"
         return f"needs {parent}, which has not finished (run the study without --only clean first)"
@@ -230,6 +231,12 @@ class Scheduler:
             if state == "wait":
                 continue
             self.pending.remove(run)
+            if state == "held":
+                self.out.claimed[run.name] = f"waits for {run.depends_on}"
+                self.todo_names.discard(run.name)
+                log.info("%s: not submitted, its pre-training run %s is claimed elsewhere", run.name,
+                         run.depends_on)
+                continue
             if state is not None:
                 self.out.failed[run.name] = state
                 self.progress.record(run, {"ok": False, "seconds": 0.0, "error": state}, self.pending,

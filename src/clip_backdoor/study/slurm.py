@@ -111,8 +111,9 @@ def parse_slurm(data: dict, where: str = "run.slurm") -> SlurmSettings:
         for key in own:
             if key not in RESOURCE_KEYS:
                 raise UserError(f"{where}.{stage}.{key}: unknown key (valid: {', '.join(RESOURCE_KEYS)})")
-        merged = {**shared, **own}
-        stages[stage] = from_dict(Resources, merged, where)
+        from_dict(Resources, shared, where)  # type errors named where the key was written
+        from_dict(Resources, own, f"{where}.{stage}")
+        stages[stage] = from_dict(Resources, {**shared, **own}, where)
         _check_resources(stages[stage], lambda key, s=stage, o=own: f"{where}.{s}.{key}" if key in o
                          else f"{where}.{key}")
     clean = stages["clean"]
