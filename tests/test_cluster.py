@@ -58,6 +58,15 @@ def test_stage_sections_override_the_shared_keys():
     assert (s.clean.partition, s.clean.nodes, s.clean.time) == ("gpu", 1, "1:00:00")
 
 
+def test_flags_win_over_the_stage_sections_of_the_file(tmp_path):
+    spec = runner.load_for_command(str(write_study(tmp_path, tiny())), [
+        "run.executor=slurm", "run.slurm={time: '1:00:00', pretrain: {time: '2-00:00:00', nodes: 2}}"],
+        cluster={"time": "30:00", "gpus": "4"})
+    s = parse_slurm(spec.run.slurm)
+    assert (s.pretrain.time, s.clean.time, s.pretrain.nodes) == ("30:00", "30:00", 2)
+    assert s.pretrain.gpus_per_node == s.clean.gpus_per_node == 4
+
+
 def bad_cli(tmp_path, capsys, *args, spec=None):
     path = write_study(tmp_path, spec or tiny())
     code = cli(["study", "run", str(path), "--out", str(tmp_path / "s"), *args])

@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="print the jobs (sbatch scripts, Ray task specs) it would submit; write nothing")
     r.add_argument("--no-prune", action="store_true", help="ignore cleaning.prune: finish every run")
-    cluster = r.add_argument_group("cluster resources (both stages; the file can set them per stage)")
+    cluster = r.add_argument_group("cluster resources (set for both stages, over the file's settings)")
     for flag, meaning in CLUSTER_FLAGS.items():
         cluster.add_argument(f"--{flag}", metavar=meaning[0], help=meaning[1])
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. seeds=[0,1,2] cleaning.epochs=3")
@@ -484,7 +484,11 @@ def load_for_command(file: str, overrides: list[str], jobs: int | None = None,
                     value = int(value)
                 except ValueError:
                     raise UserError(f"--{flag}: {value!r} is not an integer") from None
-            getattr(spec.run, name)[key] = value
+            settings = getattr(spec.run, name)
+            settings[key] = value
+            for stage in ("pretrain", "clean"):  # a flag wins over the file's stage sections too
+                if isinstance(settings.get(stage), dict) and key in settings[stage]:
+                    settings[stage] = {**settings[stage], key: value}
         try:
             _validate_executor(spec.run)
         except UserError as e:

@@ -355,8 +355,11 @@ class SlurmExecutor(Executor):
                 [f"#   {i}: {run.name}{_stop(run)}" for i, run in enumerate(runs)]))
             tasks = params["nodes"] * params["ntasks_per_node"]
             if len(runs) == 1 and runs[0].stage == "pretrain" and tasks > 1:
+                batch = runs[0].cfg.batch_size
                 what += (f"\n# {params['nodes']} node(s) x {params['ntasks_per_node']} task(s): one process "
-                         "per GPU; each task exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT")
+                         "per GPU; each task exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"
+                         f"\n# batch_size {batch} is per process: global batch {batch} x {tasks} = "
+                         f"{batch * tasks}")
             script = _make_sbatch_string(command=command, folder=folder, **params)
             parts.append(f"{what}\n{script}")
         return "\n".join(parts)
