@@ -174,6 +174,13 @@ def test_loader_started_mid_epoch_yields_the_rest_of_the_epoch():
         assert len(list(loader)) == 12  # the next epoch starts at its beginning again
     with pytest.raises(UserError, match="start_batch 13"):
         loader.set_epoch(1, start_batch=13)
+    # a random-access source does not read the rows of the batches before the resume point
+    loads = []
+    real_load = source.load
+    source.load = lambda index: loads.append(index) or real_load(index)
+    loader = build_train_loader(source, image_size=32, context_length=16, batch_size=8, workers=0, seed=3)
+    loader.set_epoch(2, start_batch=5)
+    assert len(list(loader)) == 7 and len(loads) == 7 * 8
 
 
 def test_guard_restores_handlers_and_ignores_other_threads():
