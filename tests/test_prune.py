@@ -221,6 +221,7 @@ def test_pruned_study_matches_the_replay_of_its_full_grid(tmp_path, caplog):
     partial = {n: read_jsonl(root / n / "metrics.jsonl") for n in runs}
     header = (root / "results.csv").read_text().splitlines()[0]
     assert header.endswith(",run,pruned")
+    assert (root / "report/runs.md").read_text().count("(pruned)") == len(pruned)
 
     # --no-prune finishes the pruned runs from their checkpoints; the full grid replayed gives the
     # same stopping epochs, and the pruned runs' epochs are the full runs' first epochs
