@@ -222,6 +222,8 @@ def test_pruned_study_matches_the_replay_of_its_full_grid(tmp_path, caplog):
     header = (root / "results.csv").read_text().splitlines()[0]
     assert header.endswith(",run,pruned")
     assert (root / "report/runs.md").read_text().count("(pruned)") == len(pruned)
+    with pytest.raises(UserError, match="no group whose cleaning runs all finished"):
+        runner.prune_check(runner.plan_for_dir(root), None, None)  # a pruned grid cannot be replayed
 
     # --no-prune finishes the pruned runs from their checkpoints; the full grid replayed gives the
     # same stopping epochs, and the pruned runs' epochs are the full runs' first epochs

@@ -513,17 +513,19 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None) -> str:
         except ValueError:
             raise UserError(f"--rungs {rungs!r}: expected comma-separated epochs, e.g. 1,3") from None
     settings = parse_prune(given, c.epochs, plan.spec.thresholds, where="prune-check")
-    groups: dict[tuple, dict[str, list[dict]]] = {}
-    missing = []
+    members: dict[tuple, list[Run]] = {}
     for run in plan.runs:
-        if run.stage != "clean":
-            continue
-        if not finished_marker(run):
-            missing.append(run.name)
-            continue
-        groups.setdefault(group_of(run), {})[run.name] = read_jsonl(Path(run.cfg.run_dir) / "metrics.jsonl")
+        if run.stage == "clean":
+            members.setdefault(group_of(run), []).append(run)
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    incomplete = []  # a replay needs every learning rate of a group, trained to the end
+    for key, runs in members.items():
+        if all(finished_marker(run) and not (Path(run.cfg.run_dir) / PRUNED).exists() for run in runs):
+            groups[key] = {r.name: read_jsonl(Path(r.cfg.run_dir) / "metrics.jsonl") for r in runs}
+        else:
+            incomplete.append(key)
     if not groups:
-        raise UserError(f"{plan.root}: no finished cleaning run to replay (run the full grid first)")
+        raise UserError(f"{plan.root}: no group whose cleaning runs all finished (run the full grid first)")
     lrs = {r.name: r.lr for r in plan.runs if r.stage == "clean"}
     result = replay_groups(groups, lrs, settings, c.epochs)
     taus = settings.thresholds
@@ -549,8 +551,8 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None) -> str:
     lines += ["", f"compute: {result['share'] * 100:.1f}% of the full grid's cleaning epochs"]
     lines += [f"same selection (accuracy within 1 point, or both none) at ASR ≤ {t * 100:g}%: "
               f"{result['agree'][t]} of {n} groups ({result['agree'][t] / n * 100:.0f}%)" for t in taus]
-    if missing:
-        lines.append(f"left out: {len(missing)} cleaning run(s) not finished (e.g. {missing[0]})")
+    if incomplete:
+        lines.append(f"left out: {len(incomplete)} group(s) with unfinished or pruned runs")
     return "\n".join(lines)
 
 
