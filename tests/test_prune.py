@@ -249,11 +249,13 @@ def test_pruned_study_matches_the_replay_of_its_full_grid(tmp_path, caplog):
 def test_dry_run_submits_cleaning_runs_to_the_first_rung(tmp_path, capsys):
     from test_study import tiny, write_study
 
-    spec = tiny(cleaning={"lrs": [1e-4, 1e-3, 1e-2], "epochs": 3, "prune": {"rungs": [1]}})
+    spec = tiny(cleaning={"lrs": [1e-4, 1e-3, 1e-2], "epochs": 3, "prune": {"rungs": [1]}},
+                run={"threads": None})  # the runner picks the threads: cores // jobs
     path = write_study(tmp_path, spec)
     from clip_backdoor.cli import main as cli
 
     assert cli(["study", "run", str(path), "--out", str(tmp_path / "s"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("local (this process): clean/") == 6 and out.count("stop_epoch=1 of 3") == 6
+    assert out.count(f"threads={runner.cpu_cores()}") == 7  # pruned runs keep the runner's settings
     assert not (tmp_path / "s").exists()  # a dry run writes nothing

@@ -130,6 +130,7 @@ class Scheduler:
         self.running: dict[Job, tuple[Run, float]] = {}
         self.clean_prepared = False
         self.todo_names: set[str] = set()
+        self.todo_runs: dict[str, Run] = {}  # as run_study prepared them (threads set)
 
     # -- pruning ---------------------------------------------------------------------------------
     def _members(self, key: tuple) -> list[Run]:
@@ -151,13 +152,15 @@ class Scheduler:
                 continue
             if state.action == "pruned":
                 path = Path(run.cfg.run_dir) / PRUNED
-                if write and not path.is_file():
-                    write_json(path, state.record)
-                    self.out.pruned += 1
+                if write:
+                    if not path.is_file():  # else pruned by an earlier invocation, the same way
+                        write_json(path, state.record)
+                        self.out.pruned += 1
                     self.progress.record(run, {"ok": True, "pruned": state.record["epoch"]}, self.pending,
                                          self.running)
                 self.todo_names.discard(run.name)
             elif state.action == "train":
+                run = self.todo_runs[run.name]
                 out.append(dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, stop_epoch=state.stop)))
         return out
 
@@ -191,6 +194,7 @@ class Scheduler:
     def first_runs(self, todo: list[Run], write: bool = True) -> list[Run]:
         """What to submit first: every run, cleaning runs up to their group's next rung."""
         self.todo_names = {r.name for r in todo}
+        self.todo_runs = {r.name: r for r in todo}
         if self.prune is None:
             return list(todo)
         runs = [r for r in todo if r.stage == "pretrain"]
