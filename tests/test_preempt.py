@@ -220,3 +220,36 @@ def test_webdataset_stream_resumed_mid_epoch_yields_the_rest_of_the_epoch(tmp_pa
         for start in (1, 3, 6):
             loader.set_epoch(3, start_batch=start)
             assert [(b["row_ids"], b["n_skipped"]) for b in loader] == whole[start:], (workers, start)
+
+
+def test_sigterm_to_the_whole_process_group_with_dataloader_workers(tmp_path):
+    """A cluster signals every process of a job, dataloader workers included: they leave the signal
+    to the training process, which writes its mid-epoch checkpoint and exits 75 (requeue)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    log = tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "clip_backdoor.cli", "pretrain", "--run-dir", str(run), "--epochs", "2",
+           *SMALL, "data.num_samples=2048", "data.workers=2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "epoch 1/2" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)  # inside epoch 2
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, as SLURM does
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code == 75, text[-2000:]
+    assert "killed by signal" not in text and "resumable from" in text
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["epoch"] == 1 or "mid_epoch" in ckpt  # the state at the signal was saved

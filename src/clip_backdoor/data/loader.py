@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -173,6 +174,16 @@ class TrainLoader:
         return (batch for batch in self.dataloader if _RESUMED_PAST not in batch)
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A dataloader worker's ``worker_init_fn``: leave SIGTERM/SIGUSR1/SIGUSR2 to the training
+    process. A cluster signals every process of a job; a worker that died of it would make the
+    DataLoader raise in the training process before that could write its resumable checkpoint.
+    Workers still end when the loader shuts them down, or when the training process is gone."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def build_train_loader(source: CaptionSource, *, image_size: int, context_length: int, batch_size: int,
                        workers: int, seed: int, eda: Callable[[str, str, int], str] | None = None,
                        rank: int = 0, world_size: int = 1) -> TrainLoader:
@@ -198,8 +209,9 @@ def build_train_loader(source: CaptionSource, *, image_size: int, context_length
     workers = min(workers, n_batches)  # a worker with no batch would only cost start-up time
     dataloader = DataLoader(batches, batch_size=None, num_workers=workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None)
+                            prefetch_factor=4 if workers > 0 else None,
+                            worker_init_fn=ignore_stop_signals if workers > 0 else None)
     return TrainLoader(batches, dataloader)
 
 
-__all__ = ["build_train_loader", "TrainLoader", "batches_per_epoch"]
+__all__ = ["build_train_loader", "TrainLoader", "batches_per_epoch", "ignore_stop_signals"]
