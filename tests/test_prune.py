@@ -54,6 +54,7 @@ def test_a_run_more_accurate_than_the_incumbent_is_never_pruned():
     }
     d = decide(group, epoch=1, eta=2, taus=[0.05])
     assert d.keep == ["accurate", "close", "feasible"] and d.pruned == ["worse"]
+    assert decide(group, epoch=1, eta=2, taus=[0.05], protect=False).keep == ["close", "feasible"]
     # without a feasible run there is no incumbent and no protection: ASR alone decides
     del group["feasible"]
     d = decide(group, epoch=1, eta=2, taus=[0.05])
@@ -169,7 +170,10 @@ def test_bad_prune_settings_name_the_key(prune, message):
 
 
 def test_prune_defaults_and_validation_in_the_study_file():
-    assert parse_prune({"rungs": [1, 3]}, 5, [0.01, 0.05]) == PruneSettings(3, (1, 3), (0.01, 0.05))
+    assert parse_prune({"rungs": [1, 3]}, 5, [0.01, 0.05]) == PruneSettings(3, (1, 3), (0.01, 0.05), True)
+    assert not parse_prune({"rungs": [1], "protect": False}, 5, [0.05]).protect
+    with pytest.raises(UserError, match="cleaning.prune.protect: expected true or false"):
+        parse_prune({"rungs": [1], "protect": "no"}, 5, [0.05])
     assert parse_prune(None, 5, [0.05]) is None
     from test_study import tiny
 

@@ -45,18 +45,20 @@ class PruneSettings:
     eta: int
     rungs: tuple[int, ...]
     thresholds: tuple[float, ...]
+    protect: bool = True  # never prune a run not yet at τ whose accuracy is above the incumbent's
 
 
 def parse_prune(data, epochs: int, thresholds: Sequence[float],
                 where: str = "cleaning.prune") -> PruneSettings | None:
-    """``{eta: 3, rungs: [1, 3], thresholds: [0.05]}`` (thresholds default to the study's)."""
+    """``{eta: 3, rungs: [1, 3], thresholds: [0.05], protect: true}`` (thresholds default to the
+    study's)."""
     if data is None:
         return None
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping such as {{eta: 3, rungs: [1, 3]}}, got {data!r}")
     for key in data:
-        if key not in ("eta", "rungs", "thresholds"):
-            raise UserError(f"{where}.{key}: unknown key (valid: eta, rungs, thresholds)")
+        if key not in ("eta", "rungs", "thresholds", "protect"):
+            raise UserError(f"{where}.{key}: unknown key (valid: eta, rungs, thresholds, protect)")
     eta = data.get("eta", 3)
     if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
         raise UserError(f"{where}.eta: {eta!r} must be an integer >= 2 (keep the best 1/eta at each rung)")
@@ -80,7 +82,10 @@ def parse_prune(data, epochs: int, thresholds: Sequence[float],
     for i, t in enumerate(taus):
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 1:
             raise UserError(f"{where}.thresholds[{i}]: {t!r} must be an ASR fraction in (0, 1]")
-    return PruneSettings(eta, tuple(rungs), tuple(float(t) for t in taus))
+    protect = data.get("protect", True)
+    if not isinstance(protect, bool):
+        raise UserError(f"{where}.protect: expected true or false, got {protect!r}")
+    return PruneSettings(eta, tuple(rungs), tuple(float(t) for t in taus), protect)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,10 +140,11 @@ class Decision:
 
 
 def decide(rows: Mapping[str, Sequence[dict]], epoch: int, eta: int, taus: Sequence[float],
-           tiebreak: Mapping[str, float] | None = None) -> Decision:
+           tiebreak: Mapping[str, float] | None = None, protect: bool = True) -> Decision:
     """Which runs of one group go on past the rung at ``epoch``: a pure function of their metrics
     rows (``{run: [metrics.jsonl rows]}``); only rows of epochs 1..epoch count. Equal scores go to
-    the smaller ``tiebreak[run]`` (the learning rate), then the name."""
+    the smaller ``tiebreak[run]`` (the learning rate), then the name. ``protect=False`` drops the
+    rule that keeps runs more accurate than the incumbent."""
     names = sorted(rows)
     tiebreak = tiebreak or {}
     n_keep = math.ceil(len(names) / eta)
@@ -150,7 +156,7 @@ def decide(rows: Mapping[str, Sequence[dict]], epoch: int, eta: int, taus: Seque
         feasible = [s for s in ranking if s.feasible]
         incumbent = feasible[0] if feasible else None
         kept = {s.run for s in ranking[:n_keep]}
-        if incumbent is not None:  # still more accurate than the incumbent: may get below τ later
+        if protect and incumbent is not None:  # more accurate than the incumbent: may get below τ later
             kept |= {s.run for s in ranking if not s.feasible and s.acc_now is not None
                      and s.acc_now > incumbent.best_acc}
         keep |= kept
@@ -206,7 +212,8 @@ def group_states(rows: Mapping[str, Sequence[dict]], settings: PruneSettings,
                 states[m] = State("train", rung) if m in behind else (
                     State("done") if m in finished else State("wait"))
             return states
-        decision = decide({m: rows[m] for m in alive}, rung, settings.eta, settings.thresholds, tiebreak)
+        decision = decide({m: rows[m] for m in alive}, rung, settings.eta, settings.thresholds, tiebreak,
+                          settings.protect)
         for m in decision.pruned:
             states[m] = State("done") if m in finished else State(
                 "pruned", record=pruned_record(decision, m, i, rung, settings.eta))

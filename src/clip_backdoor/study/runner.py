@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("dir", help="a study directory whose cleaning runs all finished without pruning")
     pc.add_argument("--eta", type=int, help="default: the study's cleaning.prune.eta, else 3")
     pc.add_argument("--rungs", help="comma-separated epochs, e.g. 1,3 (default: the study's, else 1,3)")
+    pc.add_argument("--no-protect", action="store_true",
+                    help="replay without the rule that keeps runs more accurate than the incumbent")
     ls = sub.add_parser("list", help="print the study's runs and whether each is finished")
     ls.add_argument("file")
     ls.add_argument("--out", help="study directory (default runs/<name>)")
@@ -496,7 +498,7 @@ def load_for_command(file: str, overrides: list[str], jobs: int | None = None,
     return spec
 
 
-def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None) -> str:
+def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bool = True) -> str:
     """``study prune-check``: replay successive halving on a finished full grid (exact: a paused
     run's epochs are the full run's) and compare its selections with the full grid's."""
     from clip_backdoor.study.prune import parse_prune, replay_groups
@@ -512,6 +514,8 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None) -> str:
             given["rungs"] = [int(r) for r in rungs.split(",")]
         except ValueError:
             raise UserError(f"--rungs {rungs!r}: expected comma-separated epochs, e.g. 1,3") from None
+    if not protect:
+        given["protect"] = False
     settings = parse_prune(given, c.epochs, plan.spec.thresholds, where="prune-check")
     members: dict[tuple, list[Run]] = {}
     for run in plan.runs:
@@ -530,7 +534,8 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None) -> str:
     result = replay_groups(groups, lrs, settings, c.epochs)
     taus = settings.thresholds
     n_runs = sum(len(g) for g in groups.values())
-    lines = [f"successive halving eta={settings.eta} rungs={list(settings.rungs)} thresholds="
+    lines = [f"successive halving eta={settings.eta} rungs={list(settings.rungs)} protect={settings.protect} "
+             f"thresholds="
              f"{[f'{t:g}' for t in taus]} replayed on {n_runs} finished cleaning runs of {plan.root} "
              f"({c.epochs} epochs each)", "",
              "| group | compute | " + " | ".join(f"ASR ≤ {t * 100:g}%: full → pruned" for t in taus) + " |",
@@ -596,7 +601,7 @@ def main(argv: list[str]) -> int:
         report(plan_for_dir(args.dir))
         return 0
     if args.action == "prune-check":
-        print(prune_check(plan_for_dir(args.dir), args.eta, args.rungs))
+        print(prune_check(plan_for_dir(args.dir), args.eta, args.rungs, protect=not args.no_protect))
         return 0
     cluster = {flag: getattr(args, flag.replace("-", "_"), None) for flag in CLUSTER_FLAGS}
     spec = load_for_command(args.file, args.overrides + rest, getattr(args, "jobs", None),

@@ -69,6 +69,8 @@ class Progress:
             metrics = "  ".join(f"{k} {100 * row[k]:.1f}%" for k in ("acc1", "asr1")
                                 if isinstance(row.get(k), float) and not math.isnan(row[k]))
             what = f"done in {_duration(seconds)}" + (f"  {metrics}" if metrics else "")
+        elif result.get("preempted") is not None:
+            what = f"stopped after {_duration(seconds)}: {result['error']}"
         else:
             what = f"FAILED after {_duration(seconds)}: {result['error']}"
         log.info("[%*d/%d] %s %s  %s", len(str(self.total)), self.done, self.total, run.name, what,
