@@ -243,7 +243,7 @@ def test_a_run_claimed_by_another_study_run_is_left_alone(tmp_path, caplog):
 def test_sigterm_stops_a_local_study_and_a_rerun_resumes(tmp_path):
     """The study process gets SIGTERM while a run trains: the run writes its mid-epoch checkpoint,
     the study exits 75, and the same command goes on from there."""
-    path = write_study(tmp_path, tiny(data={"num_samples": 1024}, pretrain={"epochs": 2, "batch_size": 32}))
+    path = write_study(tmp_path, tiny(data={"num_samples": 2048}, pretrain={"epochs": 2, "batch_size": 32}))
     root = tmp_path / "s"
     cmd = [sys.executable, "-m", "clip_backdoor.cli", "study", "run", str(path), "--out", str(root),
            "--only", "pretrain"]
