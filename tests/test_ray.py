@@ -134,3 +134,21 @@ def test_fractional_gpus_above_one_are_refused(field):
     with pytest.raises(UserError, match=r"run.ray.pretrain.num_gpus: 1.5 GPUs"):
         parse_ray({"pretrain": {field: 1.5}})
     assert parse_ray({"clean": {field: 0.5}}).clean.num_gpus == 0.5  # a share of one GPU is fine
+
+
+def test_a_several_gpu_task_runs_the_run_under_torchrun(tmp_path, monkeypatch):
+    """What a Ray task with num_gpus > 1 does, here with 2 gloo processes on CPU and without Ray:
+    torchrun runs the worker module in each rank; rank 0 writes the run; the outcome is read back."""
+    from clip_backdoor.study import runner, worker
+    from clip_backdoor.study.ray_tasks import run_task
+    from clip_backdoor.study.spec import expand, parse_spec
+
+    monkeypatch.setattr(worker, "init_worker", lambda: None)  # a Ray worker's set-up, not this process's
+    plan = expand(parse_spec(tiny()), tmp_path / "s")
+    runner.make_poison(plan)
+    run = plan.runs[0]
+    result = run_task(run.name, run.cfg, True, nproc=2)
+    assert result["ok"], result
+    run_dir = tmp_path / "s" / run.name
+    assert (run_dir / "finished.json").is_file() and (run_dir / "train.rank1.log").is_file()
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2]  # 256 / (2 ranks x 64)
