@@ -52,7 +52,8 @@ RESULT_COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "epoch", "st
                   "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run", "pruned")
 METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):RESULT_COLUMNS.index("run")]
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
-VOLATILE_KEYS = ("threads", "device", "resume", "data.workers", "eval.workers", "eval.batch_size")
+VOLATILE_KEYS = ("threads", "device", "resume", "data.workers", "eval.workers", "eval.batch_size",
+                 "save_every_steps", "stop_epoch")
 
 
 # --------------------------------------------------------------------------------------------
