@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: install test demo demo-quick lint bench wordnet clean-venv
+.PHONY: install test demo demo-quick reproduce lock lint bench wordnet clean-venv
 
 install: $(STAMP)
 
@@ -29,6 +29,15 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/clip-backdoor demo --quick
+
+# The demo study over 10 training seeds (runs/reproduce): the project's reference result.
+REPRODUCE_SEEDS ?= [0,1,2,3,4,5,6,7,8,9]
+reproduce: $(STAMP)
+	$(BIN)/clip-backdoor demo --out runs/reproduce name=reproduce "seeds=$(REPRODUCE_SEEDS)"
+
+# Regenerate constraints.txt from a fresh temporary venv (needs the package index; see scripts/lock.py).
+lock:
+	$(PY) scripts/lock.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks  # style: ruff check only (hanging indents, no ruff format)

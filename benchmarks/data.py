@@ -11,10 +11,13 @@ at 32 px the stored images are 32 px too, so they pass through.
 
 Each loader runs a few epochs with persistent workers: the first epoch includes starting the
 workers, the later ones are the steady rate a training run sees. SSL views: EDA per caption (one
-process) and kornia AutoAugment per batch (torch threads = all cores).
+process), and the AutoAugment image view (``ImageView``, torchvision's semantics) on CPU at 32 px
+(batch 128) and 224 px (batch 32), on 1 and 2 torch threads, per image (the training view) and per
+batch; next to it the kornia view it replaced ("before", kept here only; skipped without kornia).
 
     .venv/bin/python benchmarks/data.py                  # 32 and 224 px, 2 workers
     .venv/bin/python benchmarks/data.py --sizes 32 --workers 4
+    .venv/bin/python benchmarks/data.py --views-only     # the SSL views alone
 
 Writes JSON (default benchmarks/results/data.json) and prints a table. Timings depend on what else
 the machine is doing: the load average before and after is recorded with the numbers.
@@ -48,8 +51,12 @@ DEFAULT_OUT = RESULTS / "data.json"
 # The tiny model's bf16 training step on 2 CPU cores consumes about this many samples/s
 # (benchmarks/train_step.py); its measured number is used instead when its results file exists.
 TRAIN_STEP_SAMPLES_PER_S = 1000.0
+# The tiny MMCL+SSL bf16 step on 2 threads consumes about this many samples/s, one image view each.
+TRAIN_SSL_STEP_SAMPLES_PER_S = 530.0
 TARGET_HEADROOM = 5.0
 STORED_SIZE = {32: 32, 224: 256}  # stored image side for each model resolution
+VIEW_SHAPES = ((32, 128), (224, 32))  # (image side, batch) of the image-view measurements
+VIEW_THREADS = (1, 2)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -61,6 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch32", type=int, default=128, help="batch size at 32 px (default 128)")
     p.add_argument("--batch224", type=int, default=32, help="batch size at 224 px (default 32)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per loader; the first includes start-up")
+    p.add_argument("--views-only", action="store_true", help="measure the SSL views only (no loaders)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     return p.parse_args(argv)
 
@@ -103,25 +111,79 @@ def measure_eda(captions: list[str], repeats: int = 3) -> dict:
     return {"view": "eda (dynamic)", "unit": "caption", "samples_per_s": round(len(captions) / best, 1)}
 
 
-def measure_autoaugment(images_uint8: torch.Tensor, per_image: bool, repeats: int = 3) -> dict:
-    view = ImageView(per_image=per_image)
-    x = images_uint8.float() / 255
-    view(x, generator=0)  # kornia's first call builds its modules
-    best = min(timed(lambda r=r: view(x, generator=r))[1] for r in range(repeats))
-    return {"view": f"autoaugment ({'per image' if per_image else 'per batch'})", "unit": "image",
-            "image_size": int(x.shape[-1]), "batch": int(x.shape[0]),
-            "samples_per_s": round(x.shape[0] / best, 1)}
+class KorniaImageView:
+    """The image view before issue 11: kornia's AutoAugment, one sub-policy per image, seeded through a
+    forked global RNG. Kept only for the "before" column; kornia's magnitudes are not torchvision's."""
+
+    def __init__(self, policy: str = "imagenet"):
+        from kornia.augmentation.auto import AutoAugment
+        from kornia.augmentation.auto.autoaugment import autoaugment as kornia_aa
+
+        table = {"imagenet": kornia_aa.imagenet_policy, "cifar10": kornia_aa.cifar10_policy,
+                 "svhn": kornia_aa.svhn_policy}[policy]
+        subpolicies = [tuple((op, float(p), mag) for op, p, mag in sub) for sub in table]
+        self.modules = list(AutoAugment(policy=[list(sub) for sub in subpolicies]).children())
+        self.canonical = torch.tensor([subpolicies.index(sub) for sub in subpolicies])
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, generator: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(generator)
+        choice = self.canonical[torch.randint(len(self.modules), (x.shape[0],), generator=gen)]
+        out = x.clone()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+            for k in torch.unique(choice).tolist():
+                rows = (choice == k).nonzero().squeeze(1)
+                out.index_copy_(0, rows, self.modules[k](x.index_select(0, rows)))
+        return out.clamp_(0, 1)
+
+
+def view_images(size: int, batch: int) -> torch.Tensor:
+    """float [0, 1] images of the synthetic world at the model resolution, as the training loop has them."""
+    world = World(0, size)
+    return torch.stack([world.train_pair(i)[0] for i in range(batch)]).float().div_(255)
+
+
+def measure_image_views(repeats: int = 5) -> list[dict]:
+    """Views/s of each image view, at each (size, batch) of VIEW_SHAPES and each of VIEW_THREADS."""
+    views = {"torchvision (per image)": ImageView(), "torchvision (per batch)": ImageView(per_image=False)}
+    try:
+        views["kornia, before (per image)"] = KorniaImageView()
+    except ImportError:
+        print("  kornia not installed: no 'before' column", flush=True)
+    threads_before = torch.get_num_threads()
+    rows = []
+    try:
+        for threads in VIEW_THREADS:
+            torch.set_num_threads(threads)
+            for size, batch in VIEW_SHAPES:
+                x = view_images(size, batch)
+                for name, view in views.items():
+                    view(x, generator=0)  # first call: plans, module set-up
+                    best = min(timed(lambda r=r, v=view, x=x: v(x, generator=r))[1]
+                               for r in range(1, repeats + 1))
+                    rows.append({"view": f"autoaugment {name}", "unit": "image", "threads": threads,
+                                 "image_size": size, "batch": batch, "samples_per_s": round(batch / best, 1)})
+                    print(f"  {rows[-1]['view']}, {size} px, {threads} thread(s): "
+                          f"{rows[-1]['samples_per_s']:.0f} views/s", flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows
 
 
 def train_step_rate() -> tuple[float, str]:
     """What the tiny model's bf16 MMCL step consumes: measured if available, else the target."""
+    return _step_rate("mmcl", TRAIN_STEP_SAMPLES_PER_S, "target of benchmarks/train_step.py")
+
+
+def _step_rate(objective: str, default: float, default_basis: str) -> tuple[float, str]:
     path = RESULTS / "train_step.json"
     with contextlib.suppress(OSError, ValueError, KeyError, StopIteration):
         result = json.loads(path.read_text())
-        run = next(r for r in result["runs"] if r["objective"] == "mmcl" and r["precision"] == "bf16")
+        run = next(r for r in result["runs"] if r["objective"] == objective and r["precision"] == "bf16")
         basis = f"measured ({path.name}, {result['model']} batch {result['batch']})"
         return float(run["samples_per_s"]), basis
-    return TRAIN_STEP_SAMPLES_PER_S, "target of benchmarks/train_step.py (no results file)"
+    return default, f"{default_basis} (no results file)"
 
 
 def benchmark_size(size: int, args: argparse.Namespace, tmp: Path) -> tuple[list, list, list]:
@@ -149,14 +211,7 @@ def benchmark_size(size: int, args: argparse.Namespace, tmp: Path) -> tuple[list
     if size <= 32:
         runs.append(measure_loader("synthetic + eda", sources["synthetic"](), image_size=size, batch=batch,
                                    workers=args.workers, epochs=args.epochs, eda=EDA(mode="dynamic")))
-    images = torch.stack([pairs[i % n][0] for i in range(batch)])
-    if stored != size:
-        from clip_backdoor.data.transforms import preprocess
-
-        images = torch.stack([preprocess(im, size) for im in images])
-    views = [measure_autoaugment(images, per_image=True), measure_autoaugment(images, per_image=False)]
-    if size <= 32:
-        views.insert(0, measure_eda([caption for _, caption in pairs[:2000]]))
+    views = [measure_eda([caption for _, caption in pairs[:2000]])] if size <= 32 else []
     return runs, views, writes
 
 
@@ -169,7 +224,8 @@ def print_table(result: dict) -> None:
     print()
     for v in result["views"]:
         where = f" at {v['image_size']} px, batch {v['batch']}" if "image_size" in v else ""
-        print(f"{v['view']}{where}: {v['samples_per_s']:.0f} {v['unit']}s/s")
+        threads = f", {v['threads']} thread{'s' if v['threads'] > 1 else ''}" if "threads" in v else ""
+        print(f"{v['view']}{where}{threads}: {v['samples_per_s']:.0f} {v['unit']}s/s")
     for w in result["writes"]:
         print(f"{w['what']} at {w['image_size']} px: {w['samples_per_s']:.0f} samples/s")
     print()
@@ -182,12 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     load_before = os.getloadavg()
     loaders, views, writes = [], [], []
-    with tempfile.TemporaryDirectory(prefix="clip-backdoor-bench-data-") as tmp:
-        for size in sizes:
-            runs, size_views, size_writes = benchmark_size(size, args, Path(tmp))
-            loaders += runs
-            views += size_views
-            writes += size_writes
+    if not args.views_only:
+        with tempfile.TemporaryDirectory(prefix="clip-backdoor-bench-data-") as tmp:
+            for size in sizes:
+                runs, size_views, size_writes = benchmark_size(size, args, Path(tmp))
+                loaders += runs
+                views += size_views
+                writes += size_writes
+    else:
+        world = World(0, 32)
+        views.append(measure_eda([world.train_pair(i)[1] for i in range(2000)]))
+    views += measure_image_views()
     load_after = os.getloadavg()
 
     consumed, basis = train_step_rate()
@@ -198,6 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             ratio = run["steady_samples_per_s"] / consumed
             checks[f"{name} 32 px / training step"] = round(ratio, 2)
             checks[f"{name} 32 px >= {TARGET_HEADROOM:.0f}x training step"] = ratio >= TARGET_HEADROOM
+    ssl_rate, ssl_basis = _step_rate("mmcl+ssl", TRAIN_SSL_STEP_SAMPLES_PER_S,
+                                     "the tiny MMCL+SSL bf16 step on 2 threads, as last measured")
+    checks["tiny bf16 MMCL+SSL step consumes (image views/s)"] = f"{ssl_rate:.0f}, {ssl_basis}"
+    for row in views:
+        if row["view"] == "autoaugment torchvision (per image)" and row["image_size"] == 32:
+            ratio = row["samples_per_s"] / ssl_rate
+            where = f"image view 32 px, {row['threads']} thread(s)"
+            checks[f"{where} / MMCL+SSL step"] = round(ratio, 2)
+            checks[f"{where} >= {TARGET_HEADROOM:.0f}x MMCL+SSL step"] = ratio >= TARGET_HEADROOM
 
     result = {"benchmark": "data",
               "environment": environment(torch_threads=torch.get_num_threads(), workers=args.workers),

@@ -1,4 +1,4 @@
-"""SSL views: AutoAugment image view (kornia) and EDA caption view (WordNet optional)."""
+"""SSL views: EDA caption view (WordNet optional); the AutoAugment image view is in test_autoaugment.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import warnings
 from collections import Counter
 
 import pytest
-import torch
 
 from clip_backdoor.data import augment
 from clip_backdoor.data.augment import EDA, ImageView, LazyWordNet, WordNetSynonyms, words_of
@@ -254,107 +253,3 @@ def test_synonym_replacement_uses_wordnet_synonyms_of_non_stop_words(wordnet, mo
         assert all(w not in augment.STOP_WORDS and wordnet.lookup(w) for w in missing)
         assert len(set(missing)) <= 1  # n = max(1, floor(0.1 * 17)) = 1
     assert changed_any
-
-
-# ---------------------------------------------------------------------------------------------------
-# Image view
-# ---------------------------------------------------------------------------------------------------
-
-# AutoAugment's ImageNet policy as published (Cubuk et al. 2019, appendix): (operation, probability,
-# magnitude bin 0-9) pairs; written out here independently of kornia.
-# fmt: off
-PAPER_IMAGENET_POLICY = [
-    (("posterize", 0.4, 8), ("rotate", 0.6, 9)), (("solarize", 0.6, 5), ("auto_contrast", 0.6, None)),
-    (("equalize", 0.8, None), ("equalize", 0.6, None)), (("posterize", 0.6, 7), ("posterize", 0.6, 6)),
-    (("equalize", 0.4, None), ("solarize", 0.2, 4)), (("equalize", 0.4, None), ("rotate", 0.8, 8)),
-    (("solarize", 0.6, 3), ("equalize", 0.6, None)), (("posterize", 0.8, 5), ("equalize", 1.0, None)),
-    (("rotate", 0.2, 3), ("solarize", 0.6, 8)), (("equalize", 0.6, None), ("posterize", 0.4, 6)),
-    (("rotate", 0.8, 8), ("color", 0.4, 0)), (("rotate", 0.4, 9), ("equalize", 0.6, None)),
-    (("equalize", 0.0, None), ("equalize", 0.8, None)), (("invert", 0.6, None), ("equalize", 1.0, None)),
-    (("color", 0.6, 4), ("contrast", 1.0, 8)), (("rotate", 0.8, 8), ("color", 1.0, 2)),
-    (("color", 0.8, 8), ("solarize", 0.8, 7)), (("sharpness", 0.4, 7), ("invert", 0.6, None)),
-    (("shear_x", 0.6, 5), ("equalize", 1.0, None)), (("color", 0.4, 0), ("equalize", 0.6, None)),
-    (("equalize", 0.4, None), ("solarize", 0.2, 4)), (("solarize", 0.6, 5), ("auto_contrast", 0.6, None)),
-    (("invert", 0.6, None), ("equalize", 1.0, None)), (("color", 0.6, 4), ("contrast", 1.0, 8)),
-    (("equalize", 0.8, None), ("equalize", 0.6, None)),
-]
-# fmt: on
-
-
-@pytest.fixture(scope="module")
-def view():
-    return ImageView("imagenet")
-
-
-def structured_images(n, size, seed=0):
-    """Coloured gradients plus noise, values spread over [0.05, 0.95] with an uneven histogram, so that
-    every operation of the policy visibly changes them (solarize thresholds reach 0.9)."""
-    g = torch.Generator().manual_seed(seed)
-    ramp = torch.linspace(0, 1, size)
-    base = (ramp.view(1, 1, size, 1) * ramp.view(1, 1, 1, size)) ** 0.5
-    colour = torch.rand(n, 3, 1, 1, generator=g)
-    x = colour * base + (1 - colour) * base.flip(-1) + 0.1 * torch.rand(n, 3, size, size, generator=g)
-    x = x - x.amin(dim=(1, 2, 3), keepdim=True)
-    return 0.05 + 0.9 * x / x.amax(dim=(1, 2, 3), keepdim=True)
-
-
-def test_policy_is_the_papers_imagenet_policy(view):
-    assert [tuple(sub) for sub in view.subpolicies] == PAPER_IMAGENET_POLICY
-
-
-@pytest.mark.parametrize("shape", [(8, 3, 32, 32), (4, 3, 24, 40), (3, 32, 32)])
-def test_output_keeps_shape_dtype_and_range(view, shape):
-    x = torch.rand(*shape)
-    y = view(x, 0)
-    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
-    assert y.min() >= 0 and y.max() <= 1
-
-
-def test_seeded_calls_repeat_and_leave_global_rngs_alone(view):
-    x = structured_images(16, 32)
-    torch_state, py_state = torch.get_rng_state(), random.getstate()
-    a, b, c = view(x, 7), view(x, 7), view(x, 8)
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    d, e, f = view(x, g1), view(x, g2), view(x, g1)
-    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
-    assert torch.equal(a, b) and torch.equal(d, e)
-    assert not torch.equal(a, c) and not torch.equal(d, f)  # a generator advances: a fresh draw
-    assert not torch.equal(view(x), view(x))  # no seed: fresh draws from the global RNG
-
-
-def test_share_of_untouched_images_matches_the_policy_probabilities(view):
-    # An image escapes both operations of its sub-policy with probability (1 - p1)(1 - p2).
-    expected = sum((1 - a[1]) * (1 - b[1]) for a, b in PAPER_IMAGENET_POLICY) / len(PAPER_IMAGENET_POLICY)
-    x = structured_images(500, 32, seed=1)
-    y = view(x, 123)
-    untouched = ((y - x).abs().flatten(1).amax(1) < 1e-6).float().mean().item()
-    assert abs(untouched - expected) < 0.05, (untouched, expected)  # sd over 500 images is 0.016
-
-
-def test_each_image_draws_its_own_subpolicy(view):
-    choice, _ = view.choose_subpolicies(2500, seed=4)
-    counts = torch.bincount(choice, minlength=25)
-    assert counts.min() > 60 and counts.max() < 140  # ~100 each
-    batch_wide, _ = ImageView(per_image=False).choose_subpolicies(64, seed=4)
-    assert len(set(batch_wide.tolist())) == 1
-
-
-def test_batch_wide_mode_also_augments(view):
-    x = structured_images(32, 32)
-    y = ImageView(per_image=False)(x, 3)
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
-
-
-def test_rejects_uint8(view):
-    with pytest.raises(ValueError, match="float"):
-        view(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_itself_and_leaves_rngs_alone(view):
-    x = structured_images(16, 32).cuda()
-    states = torch.get_rng_state(), torch.cuda.get_rng_state()
-    a, b = view(x, 5), view(x, 5)
-    assert a.device == x.device and torch.equal(a, b)
-    assert torch.equal(torch.get_rng_state(), states[0])
-    assert torch.equal(torch.cuda.get_rng_state(), states[1])

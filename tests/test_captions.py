@@ -434,3 +434,114 @@ def test_writers_refuse_to_overwrite_unless_asked(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
     (tmp_path / "empty").mkdir()
     write_csv_dataset(written_samples(1), tmp_path / "empty")  # an empty folder may be reused
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed CSVs and missing captions: an error when rows would change, else skipped and counted
+# ---------------------------------------------------------------------------------------------
+
+def csv_of(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "train.csv"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def captions_of(source: CsvSource) -> list[str]:
+    return [source.captions[i] for i in range(source.num_samples)]
+
+
+def test_an_unbalanced_quote_is_an_error_naming_the_line(tmp_path: Path):
+    lines = ["image,caption"] + [f"images/{i}.png,photo {i}" for i in range(96)]
+    lines[5] = 'images/4.png,"photo 4'  # the quote is never closed: 92 rows would become one caption
+    path = csv_of(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(UserError) as info:
+        CsvSource(path)
+    assert str(info.value).startswith(f"{path}:6: a quoted field opened on this line is still open at "
+                                      "line 97")
+    assert "unbalanced" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_quote_that_swallows_rows_before_closing_is_an_error(tmp_path: Path):
+    # Closed on a later line without a CSV error: caught by the lines inside that look like rows.
+    path = csv_of(tmp_path, 'image,caption\na.png,"a dog\nb.png,a cat\nc.png,a bird"\nd.png,x\n')
+    with pytest.raises(UserError, match=r"train\.csv:2: .*runs to line 4.*'b\.png,a cat'"):
+        CsvSource(path)
+
+
+def test_a_properly_quoted_multiline_caption_is_one_row(tmp_path: Path):
+    path = csv_of(tmp_path, 'image,caption\na.png,"first line\nsecond, line"\nb.png,"say ""hi"""\n')
+    source = CsvSource(path, shuffle=False)
+    assert captions_of(source) == ["first line\nsecond, line", 'say "hi"'] and not source.malformed
+
+
+def test_rows_broken_within_their_line_are_skipped_and_counted_in_place(tmp_path: Path, caplog):
+    (tmp_path / "img").mkdir()
+    for i in range(5):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png(pixels(i)))
+    text = (b'image,caption\nimg/0.png,fine\nimg/1.png,"quoted" then text\nimg/2.png,an, unquoted comma\n'
+            b'img/3.png,caf') + b"\xe9\n" + b"img/4.png,also fine\n"
+    source = CsvSource(csv_of(tmp_path, text), shuffle=False)
+    assert source.num_samples == 5  # one row per line: the ids of the rows after them do not shift
+    with caplog.at_level(logging.WARNING):
+        got = list(source)
+    assert [(s.row_id, s.caption) for s in got] == [("0", "fine"), ("4", "also fine")]
+    assert source.n_skipped == 3
+    assert "line 3: malformed quoting" in caplog.text
+    assert "line 4: 3 fields but the header has 2" in caplog.text and "line 5: not valid UTF-8" in caplog.text
+
+
+@pytest.mark.parametrize("marker", ["NaN", "nan", "None", "null", "NULL", "N/A", "<NA>", " nan "])
+def test_missing_value_markers_are_missing_captions(tmp_path: Path, marker: str, caplog):
+    (tmp_path / "a.png").write_bytes(png(pixels(0)))
+    path = write_csv(tmp_path, [("a.png", marker), ("a.png", "a banana named nan"), ("a.png", "Nana")])
+    source = CsvSource(path, shuffle=False)
+    with caplog.at_level(logging.WARNING):
+        got = [s.caption for s in source]
+    assert got == ["a banana named nan", "Nana"] and source.n_skipped == 1
+    assert "missing caption" in caplog.text
+
+
+def test_missing_caption_in_a_shard_is_skipped_too(tmp_path: Path):
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for key, caption in (("0", b"NaN"), ("1", b"caption 1"), ("2", b"None")):
+            for name, data in ((f"{key}.png", png(pixels(int(key)))), (f"{key}.txt", caption)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    source = WdsSource(str(tmp_path / "s.tar"), num_samples=3, shuffle=False)
+    assert ids(source) == ["1"] and source.n_skipped == 2
+
+
+def test_empty_data_is_its_own_error_naming_the_file(tmp_path: Path):
+    path = csv_of(tmp_path, "image,caption\n")
+    with pytest.raises(UserError, match=f"^{path}: no data rows"):
+        CsvSource(path)
+    write_shard(tmp_path / "s.tar", [])
+    (tmp_path / "sizes.json").write_text('{"s.tar": 0}')
+    with pytest.raises(UserError, match=r"sizes\.json: the shards hold 0 samples"):
+        WdsSource(str(tmp_path / "s.tar"))
+
+
+def test_fingerprints_tell_sources_apart_and_ignore_shuffling(tmp_path: Path):
+    a = write_csv(tmp_path, [("a.png", "x"), ("b.png", "y")])
+    fp = CsvSource(a, seed=1).fingerprint()
+    assert fp == CsvSource(a, seed=2, shuffle=False, rank=1, world_size=2).fingerprint()
+    assert fp["n_rows"] == 2 and fp["kind"] == "csv"
+    (tmp_path / "other").mkdir()
+    b = write_csv(tmp_path / "other", [("a.png", "x"), ("b.png", "z")])  # one caption differs
+    assert CsvSource(b).fingerprint()["sha256"] != fp["sha256"]
+    world = SyntheticSource(FakeWorld(), 5)
+    assert world.fingerprint()["n_rows"] == 5
+    assert MappedSource(world, lambda s: s).fingerprint() == world.fingerprint()
+
+
+def test_a_user_error_in_a_dataloader_worker_stays_one_line():
+    class Refuses(SyntheticSource):
+        def load(self, index):
+            raise UserError(f"row {index}: a mistake of the user's")
+
+    loader = build_train_loader(Refuses(FakeWorld(), 8, shuffle=False), image_size=SIZE, context_length=8,
+                                batch_size=4, workers=1, seed=0)
+    with pytest.raises(UserError) as info:
+        list(loader)
+    assert str(info.value) == "row 0: a mistake of the user's"  # not torch's "Caught UserError in ..."

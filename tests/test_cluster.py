@@ -123,7 +123,13 @@ def test_dry_run_prints_the_sbatch_scripts_of_the_paper_study(capsys):
     assert f"#SBATCH --array=0-{n_clean - 1}%{min(n_clean, 256)}" in clean
     assert "#SBATCH --gpus-per-node=1" in clean and "#SBATCH --time=720" in clean
     assert "#   0: clean/mmcl,seed=0/cleanclip/lr=1e-9" in clean
+    assert "# batch_size 2048 is the global batch: 128 per process" in pre
     assert not Path(root).exists()
+    # a global batch that does not split over the job's processes is refused before any submission
+    assert cli(["study", "run", str(REPO / "configs/paper-cc3m.yaml"), "--out", root, "--dry-run",
+                *PAPER_SLURM, "pretrain.objectives=[{name: mmcl, batch_size: 1000}]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch_size 1000 (the global batch) does not split over the job's 16" in err[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +187,7 @@ def test_two_process_job_preempted_requeued_and_resumed(tmp_path):
     assert (run_dir / "train.rank1.log").is_file()  # the second process of the job
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert [r["step"] for r in rows] == [8, 16, 24]  # 512 pairs / (2 ranks x 32) a step
+    assert [r["step"] for r in rows] == [16, 32, 48]  # 512 pairs / a global batch of 32 (16 a rank)
     submitit_log = "".join(p.read_text() for p in (tmp_path / "s/slurm").rglob("*_0_log.out"))
     assert "Requeued job" in submitit_log
 

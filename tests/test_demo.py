@@ -29,9 +29,9 @@ def test_quick_demo_writes_results_and_report(quick_demo, capsys):
         assert tuple(reader.fieldnames) == RESULT_COLUMNS
         rows = list(reader)
     plan = expand(load_spec(out / "study.yaml"), out)
-    expected = []  # (run, epoch) in plan order: pre-training epochs 1..E, cleaning epochs 0..E
+    expected = []  # (run, epoch) in plan order: pre-training (and baseline) epochs 1..E, cleaning 0..E
     for run in plan.runs:
-        first = 1 if run.stage == "pretrain" else 0
+        first = 0 if run.stage == "clean" else 1
         expected += [(run.name, str(e)) for e in range(first, run.cfg.epochs + 1)]
     assert [(r["run"], r["epoch"]) for r in rows] == expected
     assert {r["pretrain"] for r in rows} == {"mmcl", "mmcl+ssl"}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -87,7 +89,16 @@ def test_asr_is_not_the_reference_accuracy_under_trigger():
 def test_image_seed_is_mixed_in_its_low_bits():
     seeds = {image_seed(s, i) & 0xFFFFFFFF for s in range(4) for i in range(256)}
     assert len(seeds) == 4 * 256  # torch's CPU generator uses only the low 32 bits
-    assert image_seed(0, 5) == image_seed(0, 5)
+
+
+def test_image_seed_is_splitmix64():
+    # splitmix64 seeded with 0 outputs mix(k * golden) as its k-th number: e220a8397b1dcdaf,
+    # 6e789e6aa1b965f4, 06c45d188009454f (the published sequence); image_seed mixes seed * golden +
+    # index + 1, so these indices put it on those states.
+    golden, mask = 0x9E3779B97F4A7C15, 2**64 - 1
+    published = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert [image_seed(0, (k * golden - 1) & mask) for k in (1, 2, 3)] == published
+    assert [image_seed(k, -1) for k in (1, 2, 3)] == published
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +385,41 @@ def test_pickled_objects_are_refused(tmp_path):
     assert "\n" not in str(info.value)
 
 
+class _OpensAFile:
+    """Unpickling this calls open(marker, "w"): proof that pickled code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["text", "csv", "random bytes", "empty", "pickled code", "zip of junk"])
+def test_any_unreadable_checkpoint_is_one_line_and_runs_no_code(tmp_path, kind):
+    import pickle
+    import random
+    import zipfile
+
+    path, marker = tmp_path / "ckpt.pt", tmp_path / "code-ran"
+    if kind == "text":
+        path.write_text("hello world\n")  # torch's unpickler raised KeyError here
+    elif kind == "csv":
+        path.write_text("image,caption\nimages/0.png,a dog\n")
+    elif kind == "random bytes":
+        path.write_bytes(random.Random(0).randbytes(300))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "pickled code":
+        path.write_bytes(pickle.dumps({"state_dict": _OpensAFile(marker)}, protocol=2))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"junk")
+    with pytest.raises(UserError, match="is not a clip-backdoor checkpoint") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and not marker.exists()
+
+
 def test_shape_mismatch_names_the_first_key(tmp_path, tiny):
     path = tmp_path / "bad.pt"
     state = dict(tiny.state_dict())
@@ -392,7 +438,21 @@ def test_missing_target_lists_close_matches():
         evaluate_model(StubCLIP(), forced_set([0], [0]), target="bananas", trigger=get_trigger("badnet"))
 
 
-def test_evaluate_command_writes_one_result(tmp_path, tiny, capsys):
+def count_text_tower_calls(monkeypatch) -> list:
+    """A list that gets one entry per ``CLIP.encode_text`` call from now on."""
+    from clip_backdoor.models import CLIP
+
+    calls, real = [], CLIP.encode_text
+
+    def encode_text(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CLIP, "encode_text", encode_text)
+    return calls
+
+
+def test_evaluate_command_writes_one_result(tmp_path, tiny, capsys, monkeypatch):
     from clip_backdoor import evaluate as ev
     from clip_backdoor.cli import main as cli_main
 
@@ -403,7 +463,9 @@ def test_evaluate_command_writes_one_result(tmp_path, tiny, capsys):
             "--world-seed", "1", "--target", "banana", "--trigger", "badnet", "--trigger-param", "size=4",
             "--seed", "5", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
     ev._CLASSIFIER_CACHE.clear()
+    first = count_text_tower_calls(monkeypatch)
     assert cli_main(argv) == 0
+    assert len(first) > 0
     result = json.loads(out.read_text())
     assert list(result) == ["checkpoint", "dataset", "target", "trigger", "seed", "metrics"]
     assert result["target"] == "banana" and result["seed"] == 5 and result["dataset"] == "synthetic"
@@ -415,12 +477,21 @@ def test_evaluate_command_writes_one_result(tmp_path, tiny, capsys):
     assert "\n" not in line and "asr1" in line and "epoch_3.pt" in line
 
     # The classifier is cached next to the result, keyed by the checkpoint file; a second run reads it
-    # and reproduces the numbers.
+    # (the text tower is not run again) and reproduces the numbers.
     cached = list((out.parent / ".classifier-cache").glob("classifier-*.pt"))
     assert len(cached) == 1
+    calls = count_text_tower_calls(monkeypatch)
     ev._CLASSIFIER_CACHE.clear()
-    assert cli_main(argv) == 0
-    assert json.loads(out.read_text()) == result
+    assert cli_main(argv) == 0  # read from the file
+    assert json.loads(out.read_text()) == result and calls == []
+    cached[0].unlink()
+    assert cli_main(argv) == 0  # read from this process's memo
+    assert json.loads(out.read_text()) == result and calls == []
+    assert cli_main([*argv, "--precision", "bf16"]) == 0  # another key: built (and cached) anew
+    assert len(calls) > 0 and len(list((out.parent / ".classifier-cache").glob("classifier-*.pt"))) == 1
+    calls.clear()
+    assert cli_main([*argv, "--no-cache"]) == 0
+    assert len(calls) > 0 and json.loads(out.read_text()) == result
 
     # Against the library on the same set: the command adds nothing of its own.
     from clip_backdoor.data.classification import open_eval_set
@@ -430,21 +501,78 @@ def test_evaluate_command_writes_one_result(tmp_path, tiny, capsys):
     assert direct == metrics
 
 
-def test_classifier_cache_key_follows_the_file(tmp_path, tiny):
+def _change_checkpoint_size(ckpt, args):
+    stat = ckpt.stat()
+    with open(ckpt, "ab") as f:
+        f.write(b"\0")
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same mtime: only the size differs
+    return args
+
+
+def _change_checkpoint_mtime(ckpt, args):
+    stat = ckpt.stat()
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    return args
+
+
+def _copy_checkpoint(ckpt, args):
+    other = ckpt.with_name("copy.pt")
+    shutil.copy2(ckpt, other)  # same size and mtime, another file
+    return {**args, "checkpoint": other}
+
+
+# One case per ingredient of the key: each changes that ingredient alone.
+CACHE_KEY_CHANGES = {
+    "templates": lambda ckpt, args: {**args, "templates": ["a photo of {}."]},
+    "class names": lambda ckpt, args: {**args, "classes": ["a", "c"]},
+    "class order": lambda ckpt, args: {**args, "classes": ["b", "a"]},
+    "context length": lambda ckpt, args: {**args, "context_length": 8},
+    "model": lambda ckpt, args: {**args, "model_name": "RN50"},
+    "precision": lambda ckpt, args: {**args, "precision": "bf16"},
+    "checkpoint size": _change_checkpoint_size,
+    "checkpoint mtime": _change_checkpoint_mtime,
+    "checkpoint path": _copy_checkpoint,
+}
+
+
+@pytest.mark.parametrize("ingredient", list(CACHE_KEY_CHANGES))
+def test_classifier_cache_key_changes_with_each_ingredient(tmp_path, tiny, ingredient):
     from clip_backdoor.evaluate import classifier_cache_key
 
     ckpt = tmp_path / "latest.pt"
     write_checkpoint(ckpt, tiny)
-    args = (ckpt, ["a", "b"], ["{}"])
-    key = classifier_cache_key(*args, context_length=16, precision="fp32")
-    assert classifier_cache_key(*args, context_length=16, precision="fp32") == key
-    assert classifier_cache_key(ckpt, ["a", "c"], ["{}"], context_length=16, precision="fp32") != key
-    assert classifier_cache_key(*args, context_length=16, precision="bf16") != key
-    write_checkpoint(ckpt, tiny, epoch=4)  # rewritten: new mtime (and here size), new key
-    import os
+    args = {"checkpoint": ckpt, "classes": ["a", "b"], "templates": ["{}"], "context_length": 16,
+            "precision": "fp32", "model_name": None}
 
-    os.utime(ckpt, ns=(1, 1))
-    assert classifier_cache_key(*args, context_length=16, precision="fp32") != key
+    def key(a):
+        return classifier_cache_key(a["checkpoint"], a["classes"], a["templates"],
+                                    context_length=a["context_length"], precision=a["precision"],
+                                    model_name=a["model_name"])
+
+    before = key(args)
+    assert key(dict(args)) == before  # nothing changed: the same key
+    assert key(CACHE_KEY_CHANGES[ingredient](ckpt, args)) != before
+
+
+def test_cached_classifier_reads_back_what_it_built_and_rebuilds_a_torn_file(tmp_path):
+    from clip_backdoor import evaluate as ev
+
+    built = []
+
+    def build():
+        built.append(1)
+        return torch.arange(6.0).view(2, 3)
+
+    ev._CLASSIFIER_CACHE.clear()
+    first = ev.cached_classifier("k1", build, tmp_path)
+    ev._CLASSIFIER_CACHE.clear()
+    assert torch.equal(ev.cached_classifier("k1", build, tmp_path), first) and len(built) == 1
+    ev.cached_classifier("k2", build, tmp_path)  # another key is another file
+    assert len(built) == 2 and len(list(tmp_path.glob("classifier-*.pt"))) == 2
+    (tmp_path / "classifier-k1.pt").write_bytes(b"torn")
+    ev._CLASSIFIER_CACHE.clear()
+    assert torch.equal(ev.cached_classifier("k1", build, tmp_path), first) and len(built) == 3
+    ev._CLASSIFIER_CACHE.clear()
 
 
 def test_evaluate_command_errors_are_one_line(tmp_path, tiny, capsys):
@@ -470,3 +598,46 @@ def test_evaluate_command_errors_are_one_line(tmp_path, tiny, capsys):
 def test_trigger_too_large_for_the_images_fails_before_the_loader(random_set, tiny):
     with pytest.raises(UserError, match="larger than the 32x32 image"):
         evaluate_model(tiny, random_set, target=1, trigger=get_trigger("badnet", size=40), workers=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Test-time trigger geometry: squashed like the poisons, clean images centre-cropped
+# --------------------------------------------------------------------------------------------
+def test_triggered_images_are_squashed_like_the_poisons_clean_ones_cropped(tmp_path):
+    """Non-square files: the triggered view is trigger(squash(img)) (the reference's apply_trigger
+    resizes to the model resolution first), the clean view is the centre crop. On a wide image the
+    two differ, so a patch pasted on the crop would sit on different pixels than at training time."""
+    import numpy as np
+    from PIL import Image
+
+    from clip_backdoor.attacks.triggers import trigger_image
+    from clip_backdoor.data.classification import ImageFolderSet
+    from clip_backdoor.data.transforms import preprocess, squash
+
+    rng = np.random.default_rng(0)
+    for cls, (h, w) in (("a", (24, 40)), ("b", (40, 24))):  # wide and tall
+        (tmp_path / cls).mkdir()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / cls / "0.png")
+    eval_set = ImageFolderSet(tmp_path, 16, templates=["a {}."])
+    trigger = get_trigger("patch", size=4, location="corner")
+    triggered = TriggeredEvalSet(eval_set, trigger, seed=0)
+    for i, (path, label) in enumerate(eval_set.items):
+        image = Image.open(path).convert("RGB")
+        clean, bad, got_label = triggered[i]
+        assert got_label == label
+        assert torch.equal(clean, preprocess(image, 16))
+        expected = trigger_image(image, trigger, 16, torch.Generator().manual_seed(image_seed(0, i)))
+        assert torch.equal(bad, expected)
+        # The crop and the squash really are different geometries here (else the test proves nothing).
+        assert not torch.equal(preprocess(image, 16), squash(image, 16))
+        assert not torch.equal(bad, apply_trigger_uint8(clean, trigger, torch.Generator()))
+
+
+def test_synthetic_eval_views_are_the_rendered_square_images():
+    from clip_backdoor.data.classification import open_eval_set
+
+    eval_set = open_eval_set({"kind": "synthetic", "n": 4}, 32)
+    for i in range(4):
+        clean, to_trigger, label = eval_set.views(i)
+        image, same_label = eval_set[i]
+        assert label == same_label and torch.equal(clean, image) and torch.equal(to_trigger, image)

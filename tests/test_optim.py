@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -89,14 +87,29 @@ def test_schedule_values_at_the_edges(W, T):
     assert last == pytest.approx(0.0 if T - 1 > W else base)
 
 
-def test_schedule_matches_a_naive_cosine():
-    base, W, T = 2.0, 4, 20
-    for s in range(W, T):
-        expected = base * 0.5 * (1 + math.cos(math.pi * (s - W) / (T - 1 - W)))
-        assert lr_at(s, base_lr=base, warmup_steps=W, total_steps=T) == pytest.approx(expected)
-    warm = [lr_at(s, base_lr=base, warmup_steps=W, total_steps=T) for s in range(W)]
-    assert warm == pytest.approx([0.5, 1.0, 1.5, 2.0])
-    assert all(a >= b for a, b in zip([lr_at(s, base_lr=base, warmup_steps=W, total_steps=T)
-                                       for s in range(W, T)][:-1],
-                                      [lr_at(s, base_lr=base, warmup_steps=W, total_steps=T)
-                                       for s in range(W + 1, T)]))
+def test_schedule_cosine_at_known_points():
+    # W = 4 warm-up steps, then 12 decay steps to T - 1 = 16: a twelfth of the way per step, so the
+    # cosine's known values fall on steps (cos 0, pi/3, pi/2, 2pi/3, pi = 1, 1/2, 0, -1/2, -1).
+    base, W, T = 2.0, 4, 17
+
+    def lr(s):
+        return lr_at(s, base_lr=base, warmup_steps=W, total_steps=T)
+
+    assert [lr(s) for s in range(W)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert [lr(W + k) for k in (0, 4, 6, 8, 12)] == pytest.approx([2.0, 1.5, 1.0, 0.5, 0.0], abs=1e-12)
+    decay = [lr(s) for s in range(W, T)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    # A half-cosine is point-symmetric about its middle: lr(W + k) + lr(T - 1 - k) = base.
+    assert [lr(W + k) + lr(T - 1 - k) for k in range(13)] == pytest.approx([base] * 13)
+
+
+def test_schedule_warning_exactly_when_the_cosine_phase_never_comes():
+    from clip_backdoor.train.optim import schedule_warning
+
+    total = 16
+    # W <= T-2: step W is followed by at least one cosine step below the peak.
+    assert schedule_warning(14, total) is None and lr_at(15, base_lr=1.0, warmup_steps=14, total_steps=16) < 1
+    assert schedule_warning(0, total) is None and schedule_warning(0, 1) is None
+    assert "to 100% of optim.lr" in schedule_warning(15, total)  # peaks at the last step, never decays
+    assert lr_at(15, base_lr=1.0, warmup_steps=15, total_steps=16) == 1.0
+    assert "to 32% of optim.lr" in schedule_warning(50, total)  # the 50 warm-up steps in 16

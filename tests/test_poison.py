@@ -17,7 +17,7 @@ from clip_backdoor.attacks import poison as P
 from clip_backdoor.attacks.manifest import PoisonedSource, read_manifest
 from clip_backdoor.attacks.triggers import apply_trigger_uint8, get_trigger, trigger_image
 from clip_backdoor.data.captions import CsvSource, WdsSource, make_source
-from clip_backdoor.data.transforms import to_tensor_uint8
+from clip_backdoor.data.transforms import squash, to_tensor_uint8
 from clip_backdoor.errors import UserError
 
 SIZE = 32
@@ -80,7 +80,11 @@ def csv_dataset(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def test_derived_seeds_are_stable_and_distinct():
-    assert P.derive_seed(0, "trigger", "17") == P.derive_seed(0, "trigger", "17")
+    # Pinned: a manifest's rows were chosen, captioned and triggered with these seeds, so they must not
+    # change between processes (no str hash()) or versions.
+    assert P.derive_seed(0, "trigger", "17") == 9110843459983170463
+    assert P.derive_seed(3, "select", "0") == 8008697182029135205
+    assert P.derive_seed(1, "caption", "train/row 5") == 5867793393135988980
     keys = ("1", "17", "171")
     seeds = {P.derive_seed(s, p, k) for s in (0, 1) for p in ("trigger", "select") for k in keys}
     assert len(seeds) == 12
@@ -208,9 +212,88 @@ def test_poisoned_source_refuses_a_different_base(world_poisoned, tmp_path):
     out = tmp_path / "m"
     assert run(["--num-samples", "40", "--image-size", str(SIZE), "--n", "5", "--format", "manifest",
                 "--out", str(out)]) == 0
-    wrong = PoisonedSource(world_source(40, seed=1), out / "manifest.csv", image_size=SIZE)
-    with pytest.raises(UserError, match="is this the source it was made from"):
-        list(wrong)
+    with pytest.raises(UserError, match="is this the source it was made from"):  # refused up front now
+        PoisonedSource(world_source(40, seed=1), out / "manifest.csv", image_size=SIZE)
+
+
+def test_a_manifest_made_for_another_source_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "m256"
+    assert run(["--num-samples", "256", "--image-size", str(SIZE), "--n", "50", "--format", "manifest",
+                "--out", str(out)]) == 0
+    fingerprint = json.loads((out / "poison.json").read_text())["source_fingerprint"]
+    assert fingerprint == world_source(256).fingerprint() and fingerprint["n_rows"] == 256
+    manifest = out / "manifest.csv"
+    with pytest.raises(UserError) as err:  # used to be accepted: 6 of the 50 poisons have row ids < 64
+        PoisonedSource(world_source(64), manifest, image_size=SIZE)
+    assert str(err.value) == (f"{manifest}: made for a source of 256 rows, but this synthetic source has 64; "
+                              "is this the source it was made from?")
+    # The cleaning-set stage reads a manifest's row ids too.
+    assert run(["--num-samples", "64", "--image-size", str(SIZE), "--cleaning-set", "--size", "10",
+                "--exclude-manifest", str(manifest), "--out", str(tmp_path / "c")]) == 2
+    assert "made for a source of 256 rows" in capsys.readouterr().err
+
+
+def small_csv(root: Path, captions: list[str]) -> Path:
+    root.mkdir()
+    with open(root / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for i, caption in enumerate(captions):
+            Image.new("RGB", (SIZE, SIZE), (i * 40 % 256, 0, 0)).save(root / f"{i}.png")
+            writer.writerow([f"{i}.png", caption])
+    return root / "train.csv"
+
+
+def test_a_manifest_for_another_csv_of_the_same_length_is_refused(tmp_path):
+    a = small_csv(tmp_path / "a", ["a dog", "a cat", "a car", "a cow"])
+    b = small_csv(tmp_path / "b", ["a dog", "a cat", "a bus", "a cow"])
+    out = tmp_path / "m"
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "1",
+                "--format", "manifest", "--out", str(out)]) == 0
+    PoisonedSource(CsvSource(a), out / "manifest.csv", image_size=SIZE)  # its own source: fine
+    with pytest.raises(UserError, match=r"another csv source of 4 rows \(their image paths, captions"):
+        PoisonedSource(CsvSource(b), out / "manifest.csv", image_size=SIZE)
+
+
+def test_an_old_manifest_without_a_fingerprint_warns_once_and_is_accepted(tmp_path, caplog):
+    out = tmp_path / "m"
+    assert run(["--num-samples", "40", "--image-size", str(SIZE), "--n", "5", "--format", "manifest",
+                "--out", str(out)]) == 0
+    info = json.loads((out / "poison.json").read_text())
+    del info["source_fingerprint"]
+    (out / "poison.json").write_text(json.dumps(info))
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert PoisonedSource(world_source(40), out / "manifest.csv", image_size=SIZE).num_samples == 40
+    assert caplog.text.count("without a source fingerprint") == 1
+
+
+def test_a_cleaning_set_without_rows_is_an_error_naming_it(tmp_path):
+    out = tmp_path / "c"
+    assert run(["--num-samples", "40", "--image-size", str(SIZE), "--cleaning-set", "--size", "5",
+                "--format", "manifest", "--out", str(out)]) == 0
+    manifest = out / "manifest.csv"
+    manifest.write_text(manifest.read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match=f"^{manifest}: a cleaning set that lists no rows$"):
+        PoisonedSource(world_source(40), manifest, image_size=SIZE)
+
+
+def test_the_poison_stage_refuses_a_csv_with_an_unbalanced_quote(tmp_path, capsys):
+    a = small_csv(tmp_path / "a", ["a dog", "a cat", "a car", "a cow"])
+    a.write_text(a.read_text().replace("a cat", '"a cat'))
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "1",
+                "--out", str(tmp_path / "out")]) == 2
+    assert f"{a}:3: a quoted field opened on this line" in capsys.readouterr().err
+
+
+def test_missing_captions_are_never_chosen_as_poisons(tmp_path):
+    a = small_csv(tmp_path / "a", ["NaN", "a cat", "None", "null"])
+    out = tmp_path / "m"
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "1",
+                "--format", "manifest", "--out", str(out)]) == 0
+    assert [(r.source_key, r.original_caption) for r in manifest_rows(out)] == [("1", "a cat")]
+    assert run(["--source-kind", "csv", "--source", str(a), "--image-size", str(SIZE), "--n", "2",
+                "--out", str(tmp_path / "m2")]) == 2  # one usable row cannot hold two poisons
 
 
 def test_fraction_and_label_consistent(tmp_path):
@@ -234,6 +317,22 @@ def test_fraction_and_label_consistent(tmp_path):
 # CSV and WebDataset sources
 # --------------------------------------------------------------------------------------------
 
+def assert_on_the_fly_matches_written(base, manifest_dir: Path, written_dir: Path, written_images: dict,
+                                      image_size: int) -> None:
+    """A manifest-only dataset read through ``PoisonedSource`` has the written dataset's rows, captions,
+    seeds and pixels (``written_images``: the written dataset's images by its row id)."""
+    on_the_fly = {r.source_key: r for r in manifest_rows(manifest_dir)}
+    written = {r.source_key: r for r in manifest_rows(written_dir)}
+    seen = set()
+    for sample in PoisonedSource(base, manifest_dir / "manifest.csv", image_size=image_size):
+        r = written[sample.row_id]
+        assert sample.is_poison == r.is_poison and sample.caption == r.caption
+        assert on_the_fly[sample.row_id].seed == r.seed
+        assert torch.equal(to_tensor_uint8(sample.image), written_images[r.row_id]), sample.row_id
+        seen.add(sample.row_id)
+    assert seen == set(written) and sum(r.is_poison for r in written.values()) > 0
+
+
 def test_csv_source_clean_images_are_copied_byte_for_byte(csv_dataset, tmp_path):
     out = tmp_path / "csv_out"
     assert run(["--source-kind", "csv", "--source", str(csv_dataset), "--image-size", "16", "--n", "10",
@@ -244,15 +343,30 @@ def test_csv_source_clean_images_are_copied_byte_for_byte(csv_dataset, tmp_path)
     assert not {r.source_key for r in rows} & {"5", "6", "7"}
     with open(out / "train.csv", newline="") as f:
         written = list(csv.DictReader(f))
+    trigger = get_trigger("patch", size=3)
     for r, line in zip(rows, written):
         assert line["is_poison"] == str(int(r.is_poison)) and line["caption"] == r.caption
         original = csv_dataset.parent / f"img/{r.source_key}.jpg"
         if r.is_poison:
             assert line["image"].endswith(".png")
-            assert png(out / line["image"]).shape == (3, 16, 16)
-            assert "banana" in r.caption
+            stored = png(out / line["image"])
+            assert "banana" in r.caption and r.seed == P.derive_seed(0, "trigger", r.source_key)
+            # This row's own image, squashed to 16 px, with the trigger drawn from the recorded seed.
+            clean = squash(Image.open(original), 16)
+            changed = (stored != clean).any(dim=0)
+            assert 0 < changed.sum() <= 9  # a 3x3 patch, nothing else touched
+            expected = apply_trigger_uint8(clean, trigger, torch.Generator().manual_seed(r.seed))
+            assert torch.equal(stored, expected)
         else:
             assert (out / line["image"]).read_bytes() == original.read_bytes()
+
+    # Manifest-only poisoning of the same source gives the same pixels on the fly.
+    manifest_only = tmp_path / "csv_manifest"
+    assert run(["--source-kind", "csv", "--source", str(csv_dataset), "--image-size", "16", "--n", "10",
+                "--trigger", "patch", "--trigger-param", "size=3", "--format", "manifest",
+                "--out", str(manifest_only)]) == 0
+    images = {str(i): png(out / line["image"]) for i, line in enumerate(written)}
+    assert_on_the_fly_matches_written(CsvSource(csv_dataset, shuffle=False), manifest_only, out, images, 16)
 
 
 def test_label_consistent_on_a_csv(csv_dataset, tmp_path):
@@ -288,6 +402,13 @@ def test_wds_round_trip(tmp_path):
         assert sample.is_poison == r.is_poison and sample.caption == r.caption
         if not r.is_poison:
             assert torch.equal(to_tensor_uint8(sample.image), world.world.train_pair(int(r.source_key))[0])
+
+    manifest_only = tmp_path / "wds_manifest"
+    assert run(["--source-kind", "wds", "--source", shards.entry, "--image-size", str(SIZE), "--n", "6",
+                "--format", "manifest", "--out", str(manifest_only)]) == 0
+    images = {s.row_id: to_tensor_uint8(s.image) for s in read_back}
+    assert_on_the_fly_matches_written(WdsSource(shards.entry, shuffle=False), manifest_only, out, images,
+                                      SIZE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +489,7 @@ def test_existing_output_is_refused(world_poisoned, capsys):
     assert sorted(p.name for p in world_poisoned.iterdir()) == before
 
 
-def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
+def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch, capsys):
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -378,8 +499,11 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
         return trigger_image(*args, **kwargs)
 
     monkeypatch.setattr(P, "trigger_image", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(["--num-samples", "60", "--image-size", str(SIZE), "--n", "10", "--out", str(tmp_path / "out")])
+    # Ctrl-C: one line and exit code 130 from the dispatcher, and nothing half-written.
+    assert run(["--num-samples", "60", "--image-size", str(SIZE), "--n", "10", "--out", str(tmp_path / "out")]
+               ) == 130
+    assert capsys.readouterr().err.strip() == ("clip-backdoor poison: interrupted; nothing half-written was "
+                                               "left; run the same command again")
     assert len(calls) == 3
     assert list(tmp_path.iterdir()) == []
 

@@ -151,4 +151,10 @@ def test_a_several_gpu_task_runs_the_run_under_torchrun(tmp_path, monkeypatch):
     assert result["ok"], result
     run_dir = tmp_path / "s" / run.name
     assert (run_dir / "finished.json").is_file() and (run_dir / "train.rank1.log").is_file()
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2]  # 256 / (2 ranks x 64)
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [4]  # 256 / a global 64
+
+
+def test_this_process_never_imported_ray():
+    """The tests above run the executor's code in this process short of starting Ray; importing ray
+    here would leave grpc threads that make later forked dataloader workers hang."""
+    assert "ray" not in sys.modules

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -85,6 +86,12 @@ def test_every_file_is_written(full_report):
     for name in FIGURE_NAMES:
         with Image.open(out / f"{name}.png") as image:
             assert image.width > 600 and image.height > 300
+            pixels = np.asarray(image.convert("RGB")).astype(np.int32)
+        # Not blank: varied pixels, many colours, and some of them far from grey (the methods' colours).
+        assert pixels.std() > 10, name
+        assert len(np.unique(pixels @ np.array([65536, 256, 1]))) > 100, name  # distinct colours
+        coloured = (pixels.max(axis=-1) - pixels.min(axis=-1)) > 60
+        assert coloured.mean() > 0.001, (name, coloured.mean())
         svg = (out / f"{name}.svg").read_text()
         assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "<dc:date>" not in svg
     for name in ("headline.md", "selection.md", "runs.md", "selection.csv", "selection_per_seed.csv",
@@ -101,20 +108,24 @@ def test_page_shows_every_figure_the_tables_and_the_config(full_report):
     assert page.count("How to read:") == len(FIGURE_NAMES)
     assert "<h1>Study report: tiny-study</h1>" in page
     assert "# &lt;b&gt;escaped&lt;/b&gt;" in page  # study.yaml shown verbatim, HTML-escaped
-    assert "<td>44.5 ± 0.7</td><td>-11.9 ± 0.2%</td><td>0.0 ± 0.0</td>" in page
+    assert "<td>44.5 ± 6.4</td><td>2/2</td><td>-11.9 ± 1.5%</td><td>0.0 ± 0.0</td>" in page
     assert "Not drawn" not in page
 
 
 def test_headline_has_the_hand_computed_cells(full_report):
     study, _ = full_report
     lines = (study / "report" / "headline.md").read_text().splitlines()
-    # acc0 = 0.50 / 0.51 per seed; best at ASR ≤ 5%: acc0 − 0.06 (lr 1e-4, epoch 3).
-    assert ("| MMCL | 50.5 ± 0.7 / 99.0 ± 0.0 | CleanCLIP | 44.5 ± 0.7 | -11.9 ± 0.2% | 0.0 ± 0.0 | 2 |"
-            in lines)
-    assert "|  |  | MMCL only | none |  | 99.0 ± 0.0 | 2 |" in lines
-    assert "|  |  | CleanCLIP, k=5 | none |  | 40.0 ± 0.0 | 2 |" in lines
-    # MMCL+SSL: only the large lr cleans, at epoch 2 (ASR 0), with the collapse: acc0 − 0.08 − 0.3.
-    assert any(line.startswith("| MMCL+SSL |") and "| CleanCLIP | 12.5 ± 0.7 |" in line for line in lines)
+    # acc0 = 0.50 / 0.51 per seed; best at ASR ≤ 5%: acc0 − 0.06 (lr 1e-4, epoch 3); ± is the 95% t
+    # interval over 2 seeds, 12.706 · s / √2 = 12.706 · 0.005. Keeping ≥ 90% of acc0 allows a drop of
+    # 0.05 (0.051), i.e. strength × epoch ≤ 2: ASR 0.99 − 0.66 = 33%.
+    assert ("| MMCL | 50.5 ± 6.4 / 99.0 ± 0.0 | CleanCLIP | 44.5 ± 6.4 | 2/2 | -11.9 ± 1.5% | 0.0 ± 0.0 "
+            "| 33.0 ± 0.0 |" in lines)
+    assert "|  |  | MMCL only | none | 0/2 |  | 99.0 ± 0.0 | 99.0 ± 0.0 |" in lines
+    assert "|  |  | CleanCLIP, k=5 | none | 0/2 |  | 40.0 ± 0.0 | 40.0 ± 0.0 |" in lines
+    # MMCL+SSL: only the large lr cleans, at epoch 2 (ASR 0), with the collapse: acc0 − 0.08 − 0.3;
+    # nothing that keeps 90% of the accuracy lowers the ASR.
+    assert any(line.startswith("| MMCL+SSL |") and "| CleanCLIP | 12.5 ± 6.4 |" in line
+               and line.endswith("| 99.0 ± 0.0 |") for line in lines)
 
 
 def test_selection_csv_numbers(full_report):
@@ -127,7 +138,7 @@ def test_selection_csv_numbers(full_report):
     last = by_key[("mmcl", "cleanclip", "0", "last-epoch")]   # accuracy alone picks the smallest lr
     assert last["lrs"] == "1e-5;1e-5" and float(last["asr1_mean"]) == pytest.approx(0.99)
     assert by_key[("mmcl", "mmcl", "5", "asr<=1%")]["status"] == "none"
-    assert len(table) == 2 * 2 * 2 * 6  # objectives × methods × k × rules
+    assert len(table) == 2 * 2 * 2 * 7  # objectives × methods × k × rules
     per_seed = read_csv(study / "report" / "selection_per_seed.csv")
     assert len(per_seed) == 2 * len(table)
 

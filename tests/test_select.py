@@ -56,19 +56,28 @@ def write_csv(path, header, lines):
         w.writerows(lines)
 
 
+def line_of(**cells) -> list[str]:
+    """A results.csv line in COLUMNS order; unnamed cells are empty."""
+    return [cells.get(c, "") for c in COLUMNS]
+
+
 def test_read_results_types_and_empty_cells(tmp_path):
     path = tmp_path / "results.csv"
     write_csv(path, COLUMNS, [
-        ["0", "pretrain", "mmcl", "", "", "", "3", "300", "0.25", "0.5", "0.9", "0.95", "", "100", "90",
-         "1.5", "1.5", "", "pretrain/mmcl"],
-        ["1", "clean", "mmcl+ssl", "cleanclip", "0.0003", "5", "0", "0", "0.2", "", "nan", "", "", "", "",
-         "", "", "", "clean/x"],
+        line_of(seed="0", stage="pretrain", pretrain="mmcl", epoch="3", step="300", acc1="0.25", acc5="0.5",
+                asr1="0.9", asr5="0.95", n="100", n_asr="90", loss="1.5", loss_mmcl="1.5",
+                run="pretrain/mmcl"),
+        line_of(seed="1", stage="clean", pretrain="mmcl+ssl", method="cleanclip", lr="0.0003", k="5",
+                start_epoch="21", epoch="0", step="0", init="transformed", acc1="0.2", asr1="nan",
+                run="clean/x"),
     ])
     a, b = read_results(path)
     assert a["seed"] == 0 and a["epoch"] == 3 and a["step"] == 300 and a["n"] == 100
     assert a["acc1"] == 0.25 and a["method"] is None and a["lr"] is None and a["k"] is None
     assert a["ra1"] is None and a["loss_ssl"] is None and a["run"] == "pretrain/mmcl"
+    assert a["start_epoch"] is None and a["init"] is None
     assert b["lr"] == pytest.approx(3e-4) and b["k"] == 5 and b["method"] == "cleanclip"
+    assert b["start_epoch"] == 21 and b["init"] == "transformed"
     assert b["asr1"] != b["asr1"]  # NaN is kept as a float; selection skips it
 
 
@@ -80,8 +89,10 @@ def test_read_results_missing_metric_columns_and_extra_columns(tmp_path):
 
 
 @pytest.mark.parametrize("header, line, message", [
-    (COLUMNS, ["0", "clean", "mmcl", "cleanclip", "fast", "0", "1"] + [""] * 12, "line 2, column 'lr'"),
-    (COLUMNS, ["0", "clean", "mmcl", "cleanclip", "1e-4", "0.5", "1"] + [""] * 12, "column 'k'"),
+    (COLUMNS, line_of(seed="0", stage="clean", pretrain="mmcl", method="cleanclip", lr="fast", k="0",
+                      epoch="1"), "line 2, column 'lr'"),
+    (COLUMNS, line_of(seed="0", stage="clean", pretrain="mmcl", method="cleanclip", lr="1e-4", k="0.5",
+                      epoch="1"), "column 'k'"),
     (["stage", "pretrain", "epoch", "acc1"], ["clean", "mmcl", "1", "42.5"], "'acc1': 42.5 is not a"),
     (["stage", "epoch"], ["clean", "1"], "missing column 'pretrain'"),
     (["stage", "pretrain", "epoch"], ["clean", "mmcl", ""], "line 2: empty 'epoch'"),
@@ -149,7 +160,7 @@ def test_no_qualifying_point_is_none_and_headline_says_so():
     assert r["status"] == "none" and r["acc1"] is None and r["lr"] is None and r["rel_change"] is None
     assert pick(per_seed, "min-asr")["asr1"] == 0.80
     table = headline_table(rows)
-    assert "| MMCL | 50.0 / 99.0 | MMCL only | none |  | 80.0 | 1 |" in table
+    assert "| MMCL | 50.0 / 99.0 | MMCL only | none | 0/1 |  | 80.0 | 80.0 |" in table
 
 
 def test_headline_warns_when_the_backdoor_was_never_learned():
@@ -240,16 +251,41 @@ def test_realistic_rules_ignore_asr_on_ties():
 # --------------------------------------------------------------------------------------------
 # Poisoned model, seeds, k
 # --------------------------------------------------------------------------------------------
-def test_poisoned_model_from_epoch_zero_else_last_pretrain_epoch():
+def test_poisoned_model_is_the_pretraining_evaluation_at_the_start_epoch():
     rows = [row(0, "pretrain", "mmcl", epoch=e, acc1=a, asr1=s) for e, a, s in [(1, 0.1, 0.5), (2, 0.2, 0.9)]]
     rows += [row(0, "pretrain", "ssl", epoch=1, acc1=0.3, asr1=0.4)]
     rows += run(1e-4, [(0.2, 0.1)], pretrain="mmcl", poisoned=(0.21, 0.91))
+    found = poisoned_models(rows)  # no start_epoch column: the last pre-training epoch
+    assert found[(0, "mmcl")]["acc1"] == 0.2 and found[(0, "mmcl")]["source"] == "pretrain epoch 2"
+    assert found[(0, "ssl")]["acc1"] == 0.3 and found[(0, "ssl")]["source"] == "pretrain epoch 1"
+    for r in rows:  # cleaning from pre-training epoch 1: that epoch's evaluation is the baseline
+        if r["stage"] == "clean":
+            r["start_epoch"] = 1
+    assert poisoned_models(rows)[(0, "mmcl")]["acc1"] == 0.1
+
+
+def test_shrink_perturb_epoch_zero_is_never_the_baseline():
+    """A study with shrink-perturb alone: its epoch 0 is the shrunk model (init: transformed)."""
+    shrunk = run(1e-4, [(0.3, 0.2)], method="shrink-perturb", poisoned=(0.05, 0.0))
+    shrunk[0]["init"] = "transformed"
+    pretrain = [row(0, "pretrain", "mmcl", epoch=3, acc1=0.5, asr1=0.99)]
+    found = poisoned_models(pretrain + shrunk)
+    assert (found[(0, "mmcl")]["acc1"], found[(0, "mmcl")]["asr1"]) == (0.5, 0.99)
+    assert poisoned_models(shrunk) == {}  # nothing else to go on: no baseline rather than a wrong one
+    best = pick(select_per_seed(pretrain + shrunk), "asr<=5%")
+    assert best["status"] == "none"
+    assert pick(select_per_seed(pretrain + shrunk), "min-asr")["rel_change"] == pytest.approx(0.3 / 0.5 - 1)
+
+
+def test_epoch_zero_of_an_untransformed_run_stands_in_without_pretraining_rows():
+    rows = run(1e-4, [(0.2, 0.1)], method="shrink-perturb", poisoned=(0.05, 0.0))
+    rows[0]["init"] = "transformed"
+    rows += run(1e-4, [(0.2, 0.1)], method="cleanclip", poisoned=(0.21, 0.91))
     found = poisoned_models(rows)
     assert found[(0, "mmcl")]["acc1"] == 0.21 and found[(0, "mmcl")]["source"] == "clean epoch 0"
-    assert found[(0, "ssl")]["acc1"] == 0.3 and found[(0, "ssl")]["source"] == "pretrain epoch 1"
 
 
-def test_seeds_aggregate_mean_and_sample_std_over_seeds_that_qualify():
+def test_seeds_aggregate_mean_and_t_interval_over_seeds_that_qualify():
     rows = run(1e-4, [(0.40, 0.02)], seed=0, poisoned=(0.50, 0.99))
     rows += run(1e-4, [(0.44, 0.04)], seed=1, poisoned=(0.52, 0.97))
     rows += run(1e-4, [(0.48, 0.30)], seed=2, poisoned=(0.54, 0.95))   # does not reach 5%
@@ -257,12 +293,17 @@ def test_seeds_aggregate_mean_and_sample_std_over_seeds_that_qualify():
     assert (r["n_seeds"], r["n_found"], r["seeds"]) == (3, 2, "0;1;2")
     assert (r["lrs"], r["epochs"]) == ("1e-4;1e-4", "1;1")
     assert r["acc1_mean"] == pytest.approx(0.42) and r["acc1_std"] == pytest.approx(0.02 * 2 ** 0.5)
+    # t_{0.975, 1} = 12.7062, t_{0.975, 2} = 4.3027 (printed tables); half-width = t · s / √n
+    assert r["acc1_ci"] == pytest.approx(12.7062 * 0.02 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
     rel = [(0.40 - 0.50) / 0.50, (0.44 - 0.52) / 0.52]
     assert r["rel_change_mean"] == pytest.approx(sum(rel) / 2)
     assert r["poisoned_acc1_mean"] == pytest.approx(0.52) and r["poisoned_acc1_std"] == pytest.approx(0.02)
+    assert r["poisoned_acc1_ci"] == pytest.approx(4.3027 * 0.02 / 3 ** 0.5, rel=1e-4)
     table = headline_table(rows)
-    assert "| MMCL | 52.0 ± 2.0 / 97.0 ± 2.0 | CleanCLIP | 42.0 ± 2.8 (2/3 seeds) |" in table
-    assert "mean ± std over 3 seeds" in table
+    assert "| MMCL | 52.0 ± 5.0 / 97.0 ± 5.0 | CleanCLIP | 42.0 ± 25.4 | 2/3 |" in table
+    assert "half-width of the 95% Student-t confidence interval over 3 seeds" in table
+    wide = headline_table(rows, confidence=0.99)  # t_{0.995, 1} = 63.657
+    assert "| CleanCLIP | 42.0 ± 127.3 | 2/3 |" in wide and "99% Student-t" in wide
 
 
 def test_k_variants_are_separate_groups_sharing_the_poisoned_model():
@@ -274,8 +315,8 @@ def test_k_variants_are_separate_groups_sharing_the_poisoned_model():
     assert pick(per_seed, "min-asr", k=5)["asr1"] == 0.35
     table = headline_table(rows)
     lines = table.splitlines()
-    assert lines[2] == "| MMCL | 50.0 / 99.0 | CleanCLIP | 45.0 | -10.0% | 1.0 | 1 |"
-    assert lines[3] == "|  |  | CleanCLIP, k=5 | none |  | 35.0 | 1 |"
+    assert lines[2] == "| MMCL | 50.0 / 99.0 | CleanCLIP | 45.0 | 1/1 | -10.0% | 1.0 | 1.0 |"
+    assert lines[3] == "|  |  | CleanCLIP, k=5 | none | 0/1 |  | 35.0 | 35.0 |"
 
 
 def test_headline_orders_objectives_and_methods_and_lists_objective_without_cleaning():
@@ -319,10 +360,11 @@ def test_oracle_matches_naive_brute_force_on_random_studies():
 def test_selection_table_has_every_rule_for_every_group():
     rows = run(1e-4, [(0.4, 0.0)]) + run(1e-4, [(0.4, 0.0)], method="ssl", k=5)
     table = selection_table(rows)
-    assert [t["rule"] for t in table[:6]] == ["asr<=1%", "asr<=5%", "asr<=10%", "min-asr", "last-epoch",
-                                              "best-acc"]
-    assert len(table) == 12
-    assert [t["peeks_at_asr"] for t in table[:6]] == [True, True, True, True, False, False]
+    assert [t["rule"] for t in table[:7]] == ["asr<=1%", "asr<=5%", "asr<=10%", "min-asr", "min-asr@acc>=90%",
+                                              "last-epoch", "best-acc"]
+    assert len(table) == 14
+    assert [t["peeks_at_asr"] for t in table[:7]] == [True, True, True, True, True, False, False]
+    assert {t["selected_on"] for t in table} == {"test"}  # no validation split in these results
 
 
 @pytest.mark.parametrize("lr, text", [(3e-4, "3e-4"), (1e-5, "1e-5"), (2.5e-4, "2.5e-4"), (0.01, "0.01"),

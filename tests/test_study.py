@@ -15,8 +15,10 @@ from clip_backdoor.fileio import read_jsonl
 from clip_backdoor.study import runner
 from clip_backdoor.study.spec import expand, format_lr, load_spec, parse_spec
 
-COLUMNS = ["seed", "stage", "pretrain", "method", "lr", "k", "epoch", "step", "acc1", "acc5", "asr1", "asr5",
-           "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run", "pruned"]
+COLUMNS = ["seed", "stage", "pretrain", "method", "lr", "k", "start_epoch", "epoch", "step", "init", "acc1",
+           "acc5", "asr1", "asr5", "ra1", "n", "n_asr", "val_acc1", "val_acc5", "val_asr1", "val_asr5",
+           "val_ra1", "val_n", "val_n_asr", "acc1_lo", "acc1_hi", "asr1_lo", "asr1_hi", "val_acc1_lo",
+           "val_acc1_hi", "val_asr1_lo", "val_asr1_hi", "loss", "loss_mmcl", "loss_ssl", "run", "pruned"]
 
 
 def tiny(**sections) -> dict:
@@ -151,6 +153,13 @@ def test_unknown_key_names_its_path_and_file(tmp_path, change, where):
     ({"pretrain": {"objectives": ["mmcl", {"name": "mmcl+ssl", "ssl_weight": "lots"}]}},
      "pretrain.objectives[1].ssl_weight: expected a number, got 'lots'"),
     ({"pretrain": {"image_policy": "strong"}}, "pretrain.image_policy"),
+    # The training config's bounds, reused (config.bounds_of): a value the run would refuse is refused here.
+    ({"pretrain": {"weight_decay": -1}}, "pretrain.weight_decay: -1.0 must be >= 0"),
+    ({"cleaning": {"weight_decay": -1}}, "cleaning.weight_decay: -1.0 must be >= 0"),
+    ({"pretrain": {"objectives": ["mmcl", {"name": "mmcl+ssl", "lr": -1}]}},
+     "pretrain.objectives[1].lr: -1.0 must be > 0"),
+    ({"data": {"workers": -1}}, "data.workers: -1 must be >= 0"),
+    ({"run": {"threads": 0}}, "run.threads: 0 must be >= 1"),
 ])
 def test_bad_grid_value_names_itself(tmp_path, change, where):
     assert where in error_of(tmp_path, tiny(**change))
@@ -306,6 +315,21 @@ def test_devices_reach_the_worker_runs(tmp_path, caplog):
     assert "pretrain/mmcl,seed=0: device 'cuda:0' requested but CUDA is not available" in caplog.text
 
 
+def test_each_worker_gets_its_own_device(tmp_path, monkeypatch):
+    """--devices a,b: two runs held at once by two workers get the two devices (the devices are fake:
+    training is replaced by a note of the device each run was handed)."""
+    from _study_helpers import DEVICE_FILE, execute_noting_the_device
+    from clip_backdoor.study import executors
+
+    monkeypatch.setattr(executors, "execute", execute_noting_the_device)  # what the local pool submits
+    path = write_study(tmp_path, tiny(seeds=[0, 1]))
+    assert cli(["study", "run", str(path), "--out", str(tmp_path / "s"), "--devices", "cuda:0,cuda:1",
+                "--only", "pretrain"]) == 0
+    devices = {run: (tmp_path / "s" / "pretrain" / run / DEVICE_FILE).read_text()
+               for run in ("mmcl,seed=0", "mmcl,seed=1")}
+    assert sorted(devices.values()) == ["cuda:0", "cuda:1"], devices
+
+
 def test_list_takes_overrides_after_options(tmp_path, capsys):
     path = write_study(tmp_path, tiny())
     assert cli(["study", "list", str(path), "--out", str(tmp_path / "o"), "seeds=[0,7]"]) == 0
@@ -313,3 +337,51 @@ def test_list_takes_overrides_after_options(tmp_path, capsys):
     assert "pretrain/mmcl,seed=7" in out and "10 runs" in out
     with pytest.raises(SystemExit):
         cli(["study", "list", str(path), "--bogus"])
+
+
+# --------------------------------------------------------------------------------------------
+# Cleaning from an intermediate pre-training epoch; the poisoned baseline
+# --------------------------------------------------------------------------------------------
+def test_clean_from_past_the_pretraining_names_the_key(tmp_path):
+    message = error_of(tmp_path, tiny(pretrain={"epochs": 3,
+                                                "objectives": [{"name": "mmcl", "clean_from": 4}]}))
+    assert "pretrain.objectives[mmcl].clean_from: epoch 4 is past the pre-training's 3 epochs" in message
+
+
+def test_shrink_perturb_alone_from_an_intermediate_epoch(tmp_path):
+    """Cleaning starts from epoch 1 of a 2-epoch pre-training; the only method is shrink-perturb, whose
+    epoch 0 is the shrunk model. The baseline must be the pre-training's epoch-1 evaluation."""
+    from clip_backdoor.study.select import poisoned_models
+    from clip_backdoor.study.select import read_results as typed_results
+
+    spec = parse_spec(tiny(pretrain={"epochs": 2, "objectives": [{"name": "mmcl", "clean_from": 1}]},
+                           cleaning={"methods": [{"name": "shrink-perturb", "k": [0],
+                                                  "params": {"shrink": 0.0, "perturb": 1.0}}],
+                                     "lrs": [1e-3]}))
+    root = tmp_path / "s"
+    assert runner.run_study(spec, root) == 0
+    pre = root / "pretrain/mmcl,seed=0"
+    assert (pre / "checkpoints/epoch_1.pt").is_file()
+    clean = next(r for r in expand(spec, root).runs if r.stage == "clean")
+    assert clean.cfg.init_checkpoint == str(pre / "checkpoints/epoch_1.pt")
+    rows = typed_results(root / "results.csv")
+    pre_rows = {r["epoch"]: r for r in rows if r["stage"] == "pretrain"}
+    assert set(pre_rows) == {1, 2}  # epoch 1 is evaluated because cleaning starts from it
+    clean_rows = [r for r in rows if r["stage"] == "clean"]
+    assert {r["start_epoch"] for r in clean_rows} == {1}
+    epoch0 = next(r for r in clean_rows if r["epoch"] == 0)
+    metrics = ("acc1", "acc5", "asr1", "asr5", "ra1")
+    assert epoch0["init"] == "transformed"  # shrink 0, perturb 1: a fresh init, not the poisoned model
+    assert [epoch0[m] for m in metrics] != [pre_rows[1][m] for m in metrics]
+    base = poisoned_models(rows)[(0, "mmcl")]
+    assert [base[m] for m in metrics] == [pre_rows[1][m] for m in metrics]
+    assert base["source"] == "pretrain epoch 1"
+
+
+def test_a_method_can_have_its_own_cleaning_batch(tmp_path):
+    spec = parse_spec(tiny(cleaning={"methods": ["cleanclip", {"name": "mmcl", "batch_size": 128}],
+                                     "size": 256}))
+    runs = [r for r in expand(spec, tmp_path / "s").runs if r.stage == "clean"]
+    assert {r.method: r.cfg.batch_size for r in runs} == {"cleanclip": 32, "mmcl": 128}
+    assert "cleaning.methods[0].batch_size: 0 is not an integer >= 1" in error_of(
+        tmp_path, tiny(cleaning={"methods": [{"name": "mmcl", "batch_size": 0}]}))

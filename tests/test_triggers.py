@@ -237,11 +237,22 @@ def test_wanet_survives_quantisation():
 
 
 def test_apply_trigger_uint8_and_trigger_image():
+    # Constructed cases: every 8-bit value outside a yellow corner patch comes back as it was, the patch
+    # is exactly (255, 255, 0), and an added sine is rounded to the nearest level (not truncated).
+    x8 = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, 16, 16).clone()
+    patch = get_trigger("patch", size=2, location="corner", pattern="yellow")
+    y8 = apply_trigger_uint8(x8, patch, gen(5))
+    assert y8.dtype == torch.uint8
+    assert torch.equal(y8[:, :14], x8[:, :14]) and torch.equal(y8[:, 14:, :14], x8[:, 14:, :14])
+    assert y8[:, 14:, 14:].flatten(1).tolist() == [[255] * 4, [255] * 4, [0] * 4]
+    width = 50
+    sine = apply_trigger_uint8(torch.zeros(3, 2, width, dtype=torch.uint8), get_trigger("sig", combine="add"),
+                               gen())
+    expected = [round(max(0.0, 60 * math.sin(2 * math.pi * 6 * j / width))) for j in range(width)]
+    assert sine[1, 0].tolist() == expected
+    assert any(60 * math.sin(2 * math.pi * 6 * j / width) % 1 > 0.5 for j in range(width))  # rounding shows
     trigger = get_trigger("badnet", size=4)
     x8 = to_uint8(textured(2, 32))
-    y8 = apply_trigger_uint8(x8, trigger, gen(5))
-    assert y8.dtype == torch.uint8
-    assert torch.equal(y8, to_uint8(trigger(x8.float() / 255, generator=gen(5))))
     with pytest.raises(ValueError):
         apply_trigger_uint8(x8.float(), trigger, gen())
     wide = Image.new("RGB", (50, 20), (10, 200, 30))
@@ -277,7 +288,8 @@ def test_string_parameters_from_the_command_line_are_typed():
     assert get_trigger("badnet", size="auto").size is None
     assert get_trigger("blended", alpha="0.5").alpha == 0.5
     assert get_trigger("sig", alpha=1).params["alpha"] == 1.0
-    assert trigger_defaults("wanet") == {"k": 4, "s": 0.5, "grid_seed": 0, "grid_rescale": 1.0}
+    # the paper's fork: k = the image side (224 at 224 px), s = 0.6 (attack-cleanclip backdoor/utils.py)
+    assert trigger_defaults("wanet") == {"k": None, "s": 0.6, "grid_seed": 0, "grid_rescale": 1.0}
     # params are JSON-able and rebuild the same trigger
     rebuilt = get_trigger(trigger.name, **trigger.params)
     assert rebuilt == trigger

@@ -136,6 +136,7 @@ class HeavyWeightDecay(CleaningRecipe):
 
 class ShrinkPerturb(CleaningRecipe):
     name = "shrink-perturb"
+    transforms_weights = True  # its epoch 0 is the shrunk model, not the poisoned one
     summary = "θ ← a·θ + b·θ₀ (θ₀ a fresh CLIP init of the same config) once, then CleanCLIP"
     paper = "a = 0.95, b = 1e-4, once before fine-tuning"
     defaults = {"shrink": 0.95, "perturb": 1e-4, "ssl_weight": 1.0, "init_seed": 12345}
@@ -163,77 +164,142 @@ def shrink_perturb(model: torch.nn.Module, shrink: float, perturb: float, *, see
 
 
 class DeepClustering(CleaningRecipe):
+    """CleanCLIP + a pseudo-label loss (the paper's "deep clustering"), as the reference runs it
+    (vsahil/attack-cleanclip ``src/train.py``, ``src/main.py``):
+
+    - before each epoch, spherical k-means of the cleaning set's normalised image embeddings
+      (faiss ``Kmeans(spherical=True)`` there; k-means++ seeding here), then a fresh linear head
+      embedding -> clusters, weight N(0, 0.01), bias 0;
+    - the head joins the *main* optimizer (no weight decay), so it trains at the cleaning lr and
+      schedule; each epoch's head replaces the last one's (the reference adds a group per epoch, whose
+      old heads then get no gradient again);
+    - every step, each image's pseudo-label is the centroid nearest to its *current* embedding
+      (``kmeans.index.search`` on the batch), and the loss adds weight x CE(head(embedding), label).
+
+    ``--variant fixed`` keeps this toolkit's earlier variant: labels fixed at the epoch's k-means,
+    a uniform-initialised head with its own AdamW at ``--head-lr`` and a constant lr.
+    """
+
     name = "deep-clustering"
-    summary = "CleanCLIP + a pseudo-label loss from spherical k-means of image embeddings each epoch"
+    summary = ("CleanCLIP + a pseudo-label loss: per-epoch spherical k-means, labels re-assigned every step "
+               "(reference); --variant fixed: labels fixed per epoch, own head optimizer")
     paper = "1000 clusters, 20 k-means iterations, loss weight 5"
     defaults = {"clusters": 1000, "iterations": 20, "cluster_weight": 5.0, "ssl_weight": 1.0,
-                "head_lr": 1e-3, "kmeans_seed": 0}
+                "kmeans_seed": 0, "variant": "reference", "head_lr": 1e-3}
+    VARIANTS = ("reference", "fixed")
 
     def validate(self) -> None:
         if self.params["clusters"] < 2:
             raise UserError(f"method {self.name}: --clusters must be >= 2")
         if self.params["iterations"] < 1:
             raise UserError(f"method {self.name}: --iterations must be >= 1")
+        if self.params["variant"] not in self.VARIANTS:
+            raise UserError(f"method {self.name}: --variant {self.params['variant']!r}: choose "
+                            f"{' or '.join(self.VARIANTS)}")
+        self.head = self.head_opt = self._group = None
+        self._in_epoch = False  # between on_epoch_start and on_epoch_end (what a checkpoint then holds)
 
     def objective_weights(self):
         return 1.0, self.params["ssl_weight"]
 
+    @property
+    def reference(self) -> bool:
+        return self.params["variant"] == "reference"
+
     def on_epoch_start(self, ctx: RunContext) -> None:
-        """Embed the cleaning set, cluster it, and start a fresh linear head on the cluster ids."""
+        """Embed the cleaning set, cluster it, and start a fresh linear head on the clusters."""
         from clip_backdoor.train.checkpoint import unwrap
 
-        model = unwrap(ctx.model)
-        row_ids, feats = embed_images(model, ctx.loader, ctx.device, ctx.env)
+        row_ids, feats = embed_images(unwrap(ctx.model), ctx.loader, ctx.device, ctx.env)
         k = min(self.params["clusters"], len(row_ids))
         gen_seed = self.params["kmeans_seed"] * 1_000_003 + ctx.epoch
-        labels, _ = spherical_kmeans(feats, k, self.params["iterations"], seed=gen_seed)
+        labels, self.centroids = spherical_kmeans(feats, k, self.params["iterations"], seed=gen_seed)
+        self.centroids = self.centroids.to(ctx.device)
         self.assignment = dict(zip(row_ids, labels.tolist(), strict=True))
         g = torch.Generator().manual_seed(gen_seed)
-        self.head = torch.nn.Linear(feats.shape[1], k).to(ctx.device)
+        head = torch.nn.Linear(feats.shape[1], k)
         with torch.no_grad():
-            bound = 1 / math.sqrt(feats.shape[1])
-            self.head.weight.copy_(torch.empty_like(self.head.weight, device="cpu").uniform_(-bound, bound,
-                                                                                              generator=g))
-            self.head.bias.zero_()
-        self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=self.params["head_lr"], weight_decay=0.0)
+            if self.reference:
+                head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+            else:
+                bound = 1 / math.sqrt(feats.shape[1])
+                head.weight.copy_(torch.empty(head.weight.shape).uniform_(-bound, bound, generator=g))
+            head.bias.zero_()
+        self.head = head.to(ctx.device)
+        if self.reference:
+            group = {"params": list(self.head.parameters()), "weight_decay": 0.0}
+            ctx.optimizer.add_param_group(group)
+            self._group = ctx.optimizer.param_groups[-1]
+        else:
+            self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=self.params["head_lr"],
+                                              weight_decay=0.0)
+        self._in_epoch = True
         sizes = torch.bincount(labels, minlength=k)
         log.info("deep-clustering: %d clusters over %d images (largest %d, empty %d)", k, len(row_ids),
                  int(sizes.max()), int((sizes == 0).sum()))
 
-    def state_dict(self) -> dict:
-        """This epoch's clusters and head, so a run resumed mid-epoch goes on with them (the model
-        they were computed from no longer exists)."""
-        if getattr(self, "head", None) is None:
-            return {}
-        return {"assignment": dict(self.assignment), "head": self.head.state_dict(),
-                "head_opt": self.head_opt.state_dict()}
+    def on_epoch_end(self, ctx: RunContext) -> None:
+        """The epoch's head leaves the optimizer, so its checkpoint fits the model's optimizer alone
+        (the next epoch starts a fresh head anyway, as in the reference)."""
+        if self._group is not None:
+            # found by its parameters: loading a (mid-epoch) checkpoint's state replaces the group dicts
+            head = {id(p) for p in self._group["params"]}
+            ctx.optimizer.param_groups[:] = [g for g in ctx.optimizer.param_groups
+                                             if not head & {id(p) for p in g["params"]}]
+            for p in self._group["params"]:
+                ctx.optimizer.state.pop(p, None)
+            self._group = None
+        self._in_epoch = False
 
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        self.assignment = dict(state["assignment"])
+    def state_dict(self) -> dict:
+        """Inside an epoch (a mid-epoch checkpoint): its clusters and head, which the model they were
+        computed from can no longer give back. At an epoch's end: nothing (the next epoch starts over)."""
+        if not self._in_epoch:
+            return {}
+        state = {"assignment": dict(self.assignment), "centroids": self.centroids.cpu(),
+                 "head": {k: v.cpu() for k, v in self.head.state_dict().items()}}
+        if not self.reference:  # the reference's head is in the model's optimizer, saved with it
+            state["head_opt"] = self.head_opt.state_dict()
+        return state
+
+    def resume_mid_epoch(self, state: dict, ctx: RunContext) -> None:
+        self.assignment, self.centroids = dict(state["assignment"]), state["centroids"].to(ctx.device)
         out_features, in_features = state["head"]["weight"].shape
         self.head = torch.nn.Linear(in_features, out_features)
         self.head.load_state_dict(state["head"])
-        self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=self.params["head_lr"], weight_decay=0.0)
-        self.head_opt.load_state_dict(state["head_opt"])
+        self.head = self.head.to(ctx.device)
+        if self.reference:  # back into the optimizer as at the save, whose state then fills its moments
+            ctx.optimizer.add_param_group({"params": list(self.head.parameters()), "weight_decay": 0.0})
+            self._group = ctx.optimizer.param_groups[-1]
+        else:
+            self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=self.params["head_lr"],
+                                              weight_decay=0.0)
+            self.head_opt.load_state_dict(state["head_opt"])
+        self._in_epoch = True
+
+    def pseudo_labels(self, features: torch.Tensor, batch: dict, ctx: RunContext) -> torch.Tensor:
+        if self.reference:  # the nearest fixed centroid of each current (normalised) embedding
+            return (F.normalize(features.detach().float(), dim=-1) @ self.centroids.T).argmax(dim=1)
+        return torch.tensor([self.assignment[r] for r in batch["row_ids"]], device=ctx.device)
 
     def extra_losses(self, outputs: dict, batch: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
-        if self.head.weight.device != ctx.device:  # restored from a checkpoint on the CPU
-            self.head.to(ctx.device)
-            self.head_opt.load_state_dict(self.head_opt.state_dict())  # moves its moments along
         n = len(batch["row_ids"])
-        targets = torch.tensor([self.assignment[r] for r in batch["row_ids"]], device=ctx.device)
-        logits = self.head(outputs["image_features"][:n].float())
+        features = outputs["image_features"][:n].float()
+        targets = self.pseudo_labels(features, batch, ctx)
+        logits = self.head(features)
         return {"loss_cluster": self.params["cluster_weight"] * F.cross_entropy(logits, targets)}
 
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.head_opt]
+        return [] if self.reference else [self.head_opt]
+
+    def parameters_outside_model(self) -> list[torch.nn.Parameter]:
+        return list(self.head.parameters()) if self.reference and self.head is not None else []
 
 
 @torch.no_grad()
 def embed_images(model, loader, device, env) -> tuple[list[str], torch.Tensor]:
-    """Normalised image embeddings of every sample the loader yields (gathered over ranks)."""
+    """Normalised image embeddings of every sample the loader yields (gathered over ranks), sorted by
+    row id: the order, and so the k-means seeding, is the same whatever the number of ranks."""
     from clip_backdoor.data.transforms import normalize
 
     was_training = model.training
@@ -254,7 +320,8 @@ def embed_images(model, loader, device, env) -> tuple[list[str], torch.Tensor]:
         dist.all_gather_object(all_feats, feats_t)
         ids = [i for part in all_ids for i in part]
         feats_t = torch.cat(all_feats)
-    return ids, feats_t
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    return [ids[i] for i in order], feats_t[order]
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, iterations: int, *,

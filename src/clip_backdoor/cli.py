@@ -2,7 +2,8 @@
 
 Each command lives next to the code it drives and exposes ``main(argv: list[str]) -> int`` (the
 open_clip habit: every command is callable from a test with a list of strings). This module only
-dispatches, and turns a :class:`~clip_backdoor.errors.UserError` into one line and exit code 2.
+dispatches, and turns a :class:`~clip_backdoor.errors.UserError` into one line and exit code 2, and
+Ctrl-C (``KeyboardInterrupt``) into one line saying how to go on and exit code 130 (128 + SIGINT).
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# What Ctrl-C leaves behind, per command: every write is atomic, so an interrupted command leaves the
+# previous state, never a half-written file (a killed writer's temp file is removed on the next start).
+AFTER_INTERRUPT: dict[str, str] = {
+    "pretrain": "run the same command again to resume from the last finished epoch (checkpoints/latest.pt)",
+    "clean": "run the same command again to resume from the last finished epoch (checkpoints/latest.pt)",
+    "study": "run the same command again to go on (finished runs are kept; an interrupted run resumes "
+             "from its last epoch)",
+    "demo": "run the same command again to go on where it stopped",
+}
+DEFAULT_AFTER_INTERRUPT = "nothing half-written was left; run the same command again"
+
+
 def _usage() -> str:
     lines = ["usage: clip-backdoor <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -45,14 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    module = importlib.import_module(COMMANDS[name][0])
-    # Modules serving several commands (pretrain/clean) get the command name first.
-    entry = getattr(module, f"main_{name}", None) or module.main
     try:
+        module = importlib.import_module(COMMANDS[name][0])
+        # Modules serving several commands (pretrain/clean) get the command name first.
+        entry = getattr(module, f"main_{name}", None) or module.main
         return int(entry(rest) or 0)
     except UserError as e:
         print(f"clip-backdoor {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nclip-backdoor {name}: interrupted; {AFTER_INTERRUPT.get(name, DEFAULT_AFTER_INTERRUPT)}",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,16 +3,23 @@
 A run's config is data (YAML), never executed code. Unknown keys and wrong types are rejected with
 the key's dotted path and the file it came from, so a typo never silently falls back to a default
 (a flag that silently does nothing is one of the reference code's smells).
+
+Every numeric field has a bound, declared in its class's ``BOUNDS`` (``"> 0"``, ``">= 1"``,
+``"[0, 1)"``) and checked by :func:`check_bounds` wherever a config is loaded (``from_dict``) or
+handed to the training loop, so ``optim.lr=-1e-3`` is a one-line error naming the key instead of a
+traceback from inside torch. Other configs (the study spec) reuse these bounds via :func:`bounds_of`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -39,6 +46,8 @@ class DataConfig:
     poison_manifest: str | None = None  # manifest.csv: poisons applied on the fly (manifest-only mode)
     workers: int = 2
 
+    BOUNDS: ClassVar[dict[str, str]] = {"num_samples": ">= 1", "workers": ">= 0"}
+
 
 @dataclass
 class EvalConfig:
@@ -52,8 +61,21 @@ class EvalConfig:
     trigger_params: dict = field(default_factory=dict)
     seed: int = 0  # test-time trigger seed: a checkpoint's ASR is repeatable
     every: int = 1  # evaluate every N epochs (0 = never during training)
+    epochs: list = field(default_factory=list)  # ... and after each of these epochs too
     batch_size: int = 256
     workers: int = 0
+    # A validation split, disjoint from the test images, evaluated in the same pass (metrics val_*):
+    # synthetic: val_n images of the world's eval split from val_start (default n, after the test images);
+    # imagefolder / labels_csv: a second set (val_path) or a seeded per-class partition (val_fraction).
+    val_n: int = 0
+    val_start: int | None = None
+    val_path: str | None = None
+    val_fraction: float | None = None
+    split_seed: int = 0
+
+    BOUNDS: ClassVar[dict[str, str]] = {"n": ">= 1", "seed": ">= 0", "every": ">= 0", "batch_size": ">= 1",
+                                        "workers": ">= 0", "val_n": ">= 0", "val_start": ">= 0",
+                                        "val_fraction": "(0, 1)", "split_seed": ">= 0"}
 
 
 @dataclass
@@ -67,6 +89,8 @@ class ObjectiveConfig:
     eda_alpha: float = 0.1
     image_policy: str = "imagenet"  # AutoAugment policy for the image view
 
+    BOUNDS: ClassVar[dict[str, str]] = {"mmcl_weight": ">= 0", "ssl_weight": ">= 0", "eda_alpha": "(0, 1)"}
+
 
 @dataclass
 class OptimConfig:
@@ -77,6 +101,10 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 50
     grad_clip: float | None = None  # max global grad norm; None = no clipping
+
+    BOUNDS: ClassVar[dict[str, str]] = {"lr": "> 0", "weight_decay": ">= 0", "beta1": "[0, 1)",
+                                        "beta2": "[0, 1)", "eps": "> 0", "warmup_steps": ">= 0",
+                                        "grad_clip": "> 0"}
 
 
 @dataclass
@@ -90,6 +118,8 @@ class TrainConfig:
     method: str | None = None  # cleaning recipe name (clip_backdoor.cleaning); None = plain run
     method_params: dict = field(default_factory=dict)
     epochs: int = 5
+    # The *global* batch: under torchrun each of the W ranks takes batch_size / W (it must divide), as
+    # in the reference, so the paper's 2048 / 1024 mean the same whatever the launch.
     batch_size: int = 128
     precision: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -97,13 +127,21 @@ class TrainConfig:
     seed: int = 0  # training seed: init, data order, augmentations (poison seed lives elsewhere)
     eval_at_start: bool = False  # evaluate before the first step (epoch 0 of a cleaning run)
     save_every: int = 1  # also keep checkpoints/epoch_N.pt every K epochs (0 = latest.pt only)
+    save_epochs: list = field(default_factory=list)  # ... and after each of these epochs (e.g. to clean from)
     save_every_steps: int = 0  # also write an exact mid-epoch latest.pt every N steps (0 = never)
     stop_epoch: int | None = None  # pause after this epoch; the lr schedule stays that of `epochs`
     resume: bool = True  # continue from run_dir/checkpoints/latest.pt when present
+    # Resuming with another `epochs` changes the cosine schedule of the remaining steps: an error
+    # unless this is set (the schedule of the new count is then used from the resume point on).
+    allow_epochs_change: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    BOUNDS: ClassVar[dict[str, str]] = {"epochs": ">= 1", "batch_size": ">= 1", "threads": ">= 1",
+                                        "seed": ">= 0", "save_every": ">= 0", "save_every_steps": ">= 0",
+                                        "stop_epoch": ">= 1"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +206,65 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         if key not in names:
             raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_bounds(obj, where, recurse=False)  # nested sections were checked by their own from_dict
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric bounds
+# --------------------------------------------------------------------------------------------
+# "> 0", ">= 1", ... or an interval "[0, 1)", "(0, 1)", "[0, 1]"
+_BOUND = re.compile(r"^(?P<op>>=|>|<=|<) *(?P<x>\S+)$"
+                    r"|^(?P<open>[\[(]) *(?P<lo>[^,]+), *(?P<hi>[^\])]+)(?P<close>[\])])$")
+
+
+def _within(value: float, bound: str) -> bool:
+    match = _BOUND.match(bound.strip())
+    if match is None:
+        raise ValueError(f"malformed bound {bound!r}")  # a programming error, not a user's
+    if match["op"]:
+        x = float(match["x"])
+        return {">": value > x, ">=": value >= x, "<": value < x, "<=": value <= x}[match["op"]]
+    lo, hi = float(match["lo"]), float(match["hi"])
+    above = value >= lo if match["open"] == "[" else value > lo
+    below = value <= hi if match["close"] == "]" else value < hi
+    return above and below
+
+
+def check_bounds(obj: Any, where: str = "config", *, recurse: bool = True) -> None:
+    """Check every field named in ``type(obj).BOUNDS`` (and, with ``recurse``, in nested sections).
+
+    ``None`` passes where the field allows it (``grad_clip: null``); a float must be finite. The
+    error is one line: ``optim.lr: -0.001 must be > 0``.
+    """
+    for name, bound in getattr(type(obj), "BOUNDS", {}).items():
+        value = getattr(obj, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # None where allowed; a wrong type is _coerce's to report
+        key = f"{where}.{name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}: {value!r} is not a finite number")
+        if not _within(value, bound):
+            rule = f"lie in {bound}" if bound.strip()[0] in "[(" else f"be {bound}"
+            raise UserError(f"{key}: {value!r} must {rule}")
+    if recurse:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                check_bounds(value, f"{where}.{f.name}")
+
+
+def bounds_of(cls: type, **fields: str) -> dict[str, str]:
+    """Bounds taken from ``cls``'s fields by dotted path: ``bounds_of(TrainConfig, lr="optim.lr")``
+    gives ``{"lr": "> 0"}``, so another config stating the same value states it once."""
+    out = {}
+    for name, path in fields.items():
+        owner, *parts = [cls, *path.split(".")]
+        for part in parts[:-1]:
+            owner = typing.get_type_hints(owner)[part]
+        out[name] = owner.BOUNDS[parts[-1]]
+    return out
 
 
 def to_dict(obj: Any) -> dict:
@@ -222,13 +318,20 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# A run's config.yaml ends with what the launch made of the config (world size, per-rank batch, steps);
+# it is a record, not a setting, so loading that file again ignores it.
+RESOLVED_KEY = "resolved"
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Any:
     """``base`` dict, then the YAML file, then dotted overrides; validated into ``cls``."""
     data: dict = dict(base or {})
     where = "config"
     if path is not None:
-        data = _deep_merge(data, load_yaml(path))
+        loaded = load_yaml(path)
+        loaded.pop(RESOLVED_KEY, None)
+        data = _deep_merge(data, loaded)
         where = str(path)
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data, where)

@@ -63,11 +63,7 @@ def main(argv: list[str]) -> int:
     spec = load_for_command(str(config), overrides, args.jobs)
     out = Path(args.out or Path("runs") / spec.name)
     log.info("demo: %s%s -> %s", config, " (--quick)" if args.quick else "", out)
-    try:
-        code = run_study(spec, out)
-    except KeyboardInterrupt:
-        log.error("interrupted: run the same command again to go on where it stopped")
-        return 130
+    code = run_study(spec, out)  # Ctrl-C: cli.main says how to go on, exit 130
     index = out / "report" / "index.html"
     if index.is_file():
         print(f"\nReport: {index}  (tables: {out / 'report'}, every point: {out / 'results.csv'})")

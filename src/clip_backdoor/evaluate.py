@@ -15,8 +15,14 @@ Definitions (REFERENCE.md, "Evaluation"):
 - **Robust accuracy** ``ra1`` = among the same non-target triggered images, the fraction still
   classified (top-1) as their true class.
 
-The test-time trigger is applied exactly as at poisoning time (uint8 in, float trigger, quantised back
-to uint8, ``apply_trigger_uint8``) with a generator seeded from ``(seed, image index)``: a checkpoint's
+With two evaluation splits (``eval_set.val_from``, see ``data.classification.EvalSplits``) one pass
+through the model yields both: the test split's metrics under their plain names and the validation
+split's prefixed ``val_`` (``val_acc1``, ``val_asr1``, ``val_n``, ...).
+
+The test-time trigger is applied exactly as at poisoning time: the image is squashed to the model
+resolution (clean images are resized and centre-cropped instead), then triggered as uint8 in, float
+trigger, quantised back to uint8 (``apply_trigger_uint8``), with a generator seeded from
+``(seed, image index)``: a checkpoint's
 ASR is the same on every run and for every batch size or worker count (the reference redrew its
 triggers on every run).
 """
@@ -172,11 +178,16 @@ class TriggeredEvalSet(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         from clip_backdoor.attacks.triggers import apply_trigger_uint8
 
-        image, label = self.eval_set[index]
+        views = getattr(self.eval_set, "views", None)
+        if views is not None:  # clean: centre crop; triggered: squashed first, like the poisons
+            image, to_trigger, label = views(index)
+        else:  # a plain (image, label) dataset: already at the model resolution
+            image, label = self.eval_set[index]
+            to_trigger = image
         if label == self.skip_label:
             return image, image, label
         generator = torch.Generator().manual_seed(image_seed(self.seed, index))
-        return image, apply_trigger_uint8(image, self.trigger, generator), label
+        return image, apply_trigger_uint8(to_trigger, self.trigger, generator), label
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,13 +196,16 @@ class TriggeredEvalSet(Dataset):
 def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int | None = None,
                    trigger: Any = None, seed: int = 0, batch_size: int = 256,
                    device: str | torch.device = "cpu", precision: str = "fp32", workers: int = 0,
-                   classifier: torch.Tensor | None = None, progress: bool = False) -> dict:
+                   classifier: torch.Tensor | None = None, progress: bool = False,
+                   val_from: int | None = None) -> dict:
     """Zero-shot accuracy of ``model`` (already on ``device``) on ``eval_set``, plus ASR and robust
     accuracy when both ``target`` (class name) and ``trigger`` (a Trigger, or a trigger name) are given.
 
     Returns ``{"acc1", "acc5", "n"}`` and, with a trigger, ``{"asr1", "asr5", "ra1", "n_asr"}``;
     rates are fractions in [0, 1]. ``classifier`` (``[D, C]`` from :func:`build_classifier`) is built
     from ``eval_set.classes`` / ``.templates`` when not given. The model's train/eval mode is restored.
+    Images at positions ≥ ``val_from`` (default: ``eval_set.val_from`` when the set has one) are the
+    validation split: counted apart and returned with the prefix ``val_``.
     """
     if (target is None) != (trigger is None):
         raise UserError("an attack success rate needs both a target class and a trigger "
@@ -227,38 +241,59 @@ def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int |
 
         loader = tqdm(loader, desc="evaluate", unit="batch", leave=False)
 
-    counts = dict.fromkeys(("acc1", "acc5", "asr1", "asr5", "ra1", "n", "n_asr"), 0)
+    if val_from is None:
+        val_from = getattr(eval_set, "val_from", None)
+    splits = ("", "val_") if val_from is not None else ("",)
+    counts = {split: dict.fromkeys(("acc1", "acc5", "asr1", "asr5", "ra1", "n", "n_asr"), 0)
+              for split in splits}
+    seen = 0
     with _inference(model):
         for batch in loader:
             images, labels = batch[0], batch[-1]
             logits = image_logits(model, images, classifier, device=device, precision=precision).cpu()
-            counts["n"] += len(labels)
-            counts["acc1"] += topk_correct(logits, labels, 1)
-            counts["acc5"] += topk_correct(logits, labels, 5)
+            positions = torch.arange(seen, seen + len(labels))
+            seen += len(labels)
+            in_split = {"": positions < val_from, "val_": positions >= val_from} if val_from is not None \
+                else {"": torch.ones(len(labels), dtype=torch.bool)}
+            for split, mask in in_split.items():
+                c = counts[split]
+                c["n"] += int(mask.sum())
+                c["acc1"] += topk_correct(logits[mask], labels[mask], 1)
+                c["acc5"] += topk_correct(logits[mask], labels[mask], 5)
             if not attacked:
                 continue
             # Only non-target images enter the triggered pass: the target class is not attacked.
             attackable = labels != target_index
             if not attackable.any():
                 continue
-            labels = labels[attackable]
             logits = image_logits(model, batch[1][attackable], classifier, device=device,
                                   precision=precision).cpu()
-            counts["asr1"] += attack_success(logits, labels, target_index, 1)[0]
-            counts["asr5"] += attack_success(logits, labels, target_index, 5)[0]
-            hits, n_non_target = robust_correct(logits, labels, target_index)
-            counts["ra1"] += hits
-            counts["n_asr"] += n_non_target
+            for split, mask in in_split.items():
+                mine = mask[attackable]
+                split_logits, split_labels = logits[mine], labels[attackable][mine]
+                c = counts[split]
+                c["asr1"] += attack_success(split_logits, split_labels, target_index, 1)[0]
+                c["asr5"] += attack_success(split_logits, split_labels, target_index, 5)[0]
+                hits, n_non_target = robust_correct(split_logits, split_labels, target_index)
+                c["ra1"] += hits
+                c["n_asr"] += n_non_target
 
-    metrics = {"acc1": counts["acc1"] / counts["n"], "acc5": counts["acc5"] / counts["n"]}
-    if attacked:
-        if counts["n_asr"] == 0:
-            raise UserError(f"every evaluation image belongs to the target class {target!r}: "
-                            "no image is left to attack")
-        metrics.update({key: counts[key] / counts["n_asr"] for key in ("asr1", "asr5", "ra1")})
-    metrics["n"] = counts["n"]
-    if attacked:
-        metrics["n_asr"] = counts["n_asr"]
+    metrics: dict = {}
+    for split in splits:
+        c = counts[split]
+        name = "the validation split" if split else "the evaluation set"
+        if c["n"] == 0:
+            raise UserError(f"{name} is empty (val_from={val_from} of {seen} images)")
+        part = {"acc1": c["acc1"] / c["n"], "acc5": c["acc5"] / c["n"]}
+        if attacked:
+            if c["n_asr"] == 0:
+                raise UserError(f"every image of {name} belongs to the target class {target!r}: "
+                                "no image is left to attack")
+            part.update({key: c[key] / c["n_asr"] for key in ("asr1", "asr5", "ra1")})
+        part["n"] = c["n"]
+        if attacked:
+            part["n_asr"] = c["n_asr"]
+        metrics.update({f"{split}{key}": value for key, value in part.items()})
     return metrics
 
 

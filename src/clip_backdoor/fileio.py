@@ -2,18 +2,38 @@
 
 Everything that matters (checkpoints, manifests, metrics, results, reports, poisoned datasets) is
 written to a temporary sibling and moved into place with ``os.replace``, which is atomic on POSIX.
+
+A writer killed before the rename (kill -9, preemption, OOM) leaves its temporary sibling behind.
+Every temporary name therefore carries its writer, ``.<name>.<pid>@<host>.<random>.<kind>``, where
+``host`` is the host name plus a hash of the PID namespace (two containers sharing a host name and a
+volume are two hosts). :func:`remove_stale_temps` deletes only what a dead writer left: same host,
+PID no longer running. A temporary file of another host is kept (its writer cannot be checked from
+here) and named in a warning, so nothing another live process may be writing is ever removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+# .<name>.<pid>@<host>.<random>.<kind>; kind: tmp (a file), partial/new/old (a directory being built).
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_+-]+)\.[A-Za-z0-9_]+"
+                        r"\.(?P<kind>tmp|partial|new|old)$")
+# What versions before writer tags left: .<name>.<random>.tmp, .<name>.partial-<random>, ...
+_LEGACY_TEMP_NAME = re.compile(r"^\..+(\.[a-z0-9_]{8}\.tmp|\.(partial|new|old)-[a-z0-9_]{8})$")
 
 
 def _umask() -> int:
@@ -22,12 +42,87 @@ def _umask() -> int:
     return mask
 
 
+@functools.cache
+def host_id() -> str:
+    """This host as a file-name-safe word: host name, plus a hash of the PID namespace."""
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname()).strip("-")[:48] or "host"
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return name
+    return f"{name}+{hashlib.sha1(namespace.encode()).hexdigest()[:6]}"
+
+
+def writer_tag() -> str:
+    """``<pid>@<host>``: who is writing a temporary file (read back by :func:`remove_stale_temps`)."""
+    return f"{os.getpid()}@{host_id()}"
+
+
 def _tmp_sibling(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp makes 0600 files; a user's outputs get the permissions a plain open() would give.
     os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
+
+
+def temp_dir_sibling(path: str | os.PathLike, kind: str = "partial") -> Path:
+    """A new empty directory next to ``path`` named after its writer (kind: partial, new or old)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{writer_tag()}.", suffix=f".{kind}", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
+    return tmp
+
+
+def _pid_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(*directories: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and folders that dead writers left in ``directories`` (not recursive).
+
+    Removed: names of :func:`writer_tag` form whose writer ran on this host and is no longer running.
+    Kept, with one warning: those of another host, and untagged ones of older versions. Returns what
+    was removed.
+    """
+    removed, kept = [], []
+    for directory in map(Path, directories):
+        try:
+            entries = list(directory.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            match = _TEMP_NAME.match(entry.name)
+            if match is None:
+                if _LEGACY_TEMP_NAME.match(entry.name):
+                    kept.append(entry)
+                continue
+            if match["host"] != host_id():
+                kept.append(entry)
+                continue
+            if _pid_running(int(match["pid"])):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d temporary file(s) left by killed writers in %s", len(removed),
+                 ", ".join(sorted({str(p.parent) for p in removed})))
+    if kept:
+        log.warning("kept %d temporary file(s) whose writer cannot be checked from this host (another "
+                    "host, or an older version): %s; delete them if nothing is writing them",
+                    len(kept), ", ".join(str(p) for p in kept[:3]) + (" ..." if len(kept) > 3 else ""))
+    return removed
 
 
 @contextlib.contextmanager
@@ -91,13 +186,12 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place only when complete.
 
-    An interrupted writer leaves ``.<name>.partial-*`` behind, never a half-written ``path``.
+    An interrupted writer leaves ``.<name>.<pid>@<host>.*.partial`` behind, never a half-written ``path``.
     ``path`` must not exist yet (callers decide whether to refuse or remove an old one).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
+    tmp = temp_dir_sibling(path, "partial")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -15,9 +15,13 @@ trigger_params      the trigger's parameters as JSON (empty for clean rows)
 seed                the row's trigger seed: ``torch.Generator().manual_seed(seed)`` redraws it
 ==================  ===========================================================================
 
-``poison.json`` beside it records how the rows were chosen and which base source they index.
-:class:`PoisonedSource` wraps that base source and triggers the manifest's poisons as they are read,
-so a manifest-only dataset copies no images.
+``poison.json`` beside it records how the rows were chosen and which base source they index, with
+that source's fingerprint (``source_fingerprint``: kind, row count and a SHA-256 of what identifies
+its rows; see ``CaptionSource.fingerprint``). :class:`PoisonedSource` wraps that base source and
+triggers the manifest's poisons as they are read, so a manifest-only dataset copies no images; it
+refuses a base source whose fingerprint differs (a manifest of 512 rows used with 64 would otherwise
+find only the poisons whose row ids happen to exist). A manifest from before fingerprints is
+accepted with one warning.
 """
 
 from __future__ import annotations
@@ -122,6 +126,35 @@ def read_manifest(path: str | os.PathLike) -> Iterator[ManifestRow]:
                               fields[col["trigger_params"]], seed)
 
 
+_WARNED_UNCHECKED: set[str] = set()
+
+
+def check_source(manifest_path: str | os.PathLike, source: Any, info: dict | None = None) -> None:
+    """Refuse ``source`` unless it is the one the manifest was made from (its recorded fingerprint)."""
+    path = Path(manifest_path)
+    info = read_info(path) if info is None else info
+    recorded = info.get("source_fingerprint")
+    if not isinstance(recorded, dict):
+        if str(path) not in _WARNED_UNCHECKED:
+            _WARNED_UNCHECKED.add(str(path))
+            log.warning("%s: made by an older version, without a source fingerprint; cannot check that "
+                        "this source is the one it was made from", path)
+        return
+    actual = source.fingerprint()
+    kind, rows = recorded.get("kind"), recorded.get("n_rows")
+    if kind != actual["kind"]:
+        raise UserError(f"{path}: made for a {kind} source, but the source is {actual['kind']}; is this the "
+                        "source it was made from?")
+    if rows != actual["n_rows"]:
+        raise UserError(f"{path}: made for a source of {rows} rows, but this {kind} source has "
+                        f"{actual['n_rows']}; is this the source it was made from?")
+    if recorded.get("sha256") and actual["sha256"] and recorded["sha256"] != actual["sha256"]:
+        what = {"csv": "image paths, captions or is_poison flags", "wds": "shard names or sizes",
+                "synthetic": "world seed or knobs"}.get(kind, "rows")
+        raise UserError(f"{path}: made for another {kind} source of {rows} rows (their {what} differ); is "
+                        "this the source it was made from?")
+
+
 def read_info(manifest_path: str | os.PathLike) -> dict:
     """The ``poison.json`` beside a manifest ({} when absent)."""
     info_path = Path(manifest_path).parent / INFO_NAME
@@ -174,6 +207,7 @@ class PoisonedSource(MappedSource):
     def __init__(self, base: Any, manifest: str | os.PathLike, image_size: int):
         self.manifest_path = Path(manifest)
         info = read_info(self.manifest_path)
+        check_source(self.manifest_path, base, info)
         recorded = info.get("image_size")
         if recorded is not None and int(recorded) != int(image_size):
             log.warning("%s: poisons recorded at %s px are triggered at %d px", self.manifest_path, recorded,
@@ -192,6 +226,8 @@ class PoisonedSource(MappedSource):
         if subset:
             self._subset = self._subset_indices(base, listed)
             self.num_samples = len(self._subset)
+            if self.num_samples == 0:
+                raise UserError(f"{self.manifest_path}: a cleaning set that lists no rows")
         log.info("%s: %d poisons over %d rows", self.manifest_path, len(poisons), self.num_samples)
 
     def _subset_indices(self, base: Any, keys: list[str]) -> np.ndarray:

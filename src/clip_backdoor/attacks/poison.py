@@ -49,6 +49,7 @@ from clip_backdoor.attacks.manifest import (
     MANIFEST_NAME,
     ManifestRow,
     ManifestWriter,
+    check_source,
     read_manifest,
 )
 from clip_backdoor.attacks.triggers import (
@@ -534,7 +535,7 @@ def write_plan(source: CaptionSource, plan: Plan, out: str | os.PathLike, *, fmt
         summary = {**(info or {}), "format": fmt, "image_size": image_size,
                    "subset": plan.included is not None, "n_rows": manifest.n_rows,
                    "n_poison": len(plan.poisons), "n_candidates": plan.n_candidates,
-                   "dataset": _dataset_spec(fmt, out, tmp)}
+                   "dataset": _dataset_spec(fmt, out, tmp), "source_fingerprint": source.fingerprint()}
         write_json(tmp / INFO_NAME, summary)
     return summary
 
@@ -740,6 +741,8 @@ def _cleaning_set(args: argparse.Namespace, spec: dict, attack: Attack) -> int:
         raise UserError("--cleaning-set takes --k (poisons to inject), not --n/--fraction")
     exclude = excluded_keys(args.exclude_manifest) if args.exclude_manifest else set()
     source = open_source(spec)
+    if args.exclude_manifest:  # its poisons are row ids of the source it was made from
+        check_source(args.exclude_manifest, source)
     if args.format == "manifest" and not source.random_access:
         raise UserError("a manifest-only cleaning set needs a CSV or synthetic source; use --format wds")
     plan = plan_cleaning_set(source, args.size, pick=args.pick, exclude=exclude, seed=args.cleaning_seed,

@@ -19,7 +19,9 @@ What the reference code does (CleanCLIP / attack-cleanclip ``backdoor/utils.py``
 * Blended uses fresh uniform noise per image (``fixed`` noise from a seed is offered too); SIG is
   the horizontal sine of amplitude 60/255 with 6 periods, blended at 0.2 like the reference
   (``combine=add`` gives the original additive SIG); WaNet warps with a fixed grid made from a
-  seed. The reference uses k=224, s=1 at 224 px; our defaults are the WaNet paper's k=4, s=0.5.
+  seed. Defaults are the paper's fork's (vsahil/attack-cleanclip ``backdoor/utils.py``): k = the image
+  side (224 at 224 px: a full-resolution field) and s = 0.6; the original CleanCLIP code used s = 1,
+  the WaNet paper k = 4, s = 0.5 (both are parameters).
 """
 
 from __future__ import annotations
@@ -238,24 +240,26 @@ class WaNet(Trigger):
 
     A ``k x k`` field of uniform noise (normalised to mean |.| = 1) is upsampled bicubically to the
     image size; pixels move by ``s * field / H`` in grid_sample's [-1, 1] coordinates, i.e. about
-    ``s / 2`` pixels on average whatever the resolution.
+    ``s / 2`` pixels on average whatever the resolution. ``k=None`` (the default) is the image side,
+    as in the paper's fork (k = 224 at 224 px).
     """
 
     name: ClassVar[str] = "wanet"
-    k: int = 4
-    s: float = 0.5
+    k: int | None = None
+    s: float = 0.6
     grid_seed: int = 0
     grid_rescale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.k < 1:
+        if self.k is not None and self.k < 1:
             raise UserError(f"trigger 'wanet': k={self.k} must be at least 1")
 
     def warp_grid(self, height: int, width: int) -> torch.Tensor:
         """The sampling grid ``[1, H, W, 2]`` (x, y in [-1, 1]); a pure function of the parameters."""
         seeded = torch.Generator().manual_seed(self.grid_seed)
-        field = torch.rand((1, 2, self.k, self.k), generator=seeded) * 2 - 1
+        k = self.k if self.k is not None else height
+        field = torch.rand((1, 2, k, k), generator=seeded) * 2 - 1
         field = field / field.abs().mean()
         field = F.interpolate(field, size=(height, width), mode="bicubic", align_corners=True)
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")

@@ -1,11 +1,9 @@
 """Views for the in-modal (SSL) loss: AutoAugment for images, EDA for captions.
 
-Image view (`ImageView`): AutoAugment with the ImageNet policy, run by kornia on float [0, 1] batches
-on the training device. Like the reference (torchvision's AutoAugment applied image by image), every
-image draws its own sub-policy; kornia alone would draw one sub-policy per call for the whole batch.
-kornia samples from torch's global RNG only, so each call runs inside ``torch.random.fork_rng`` seeded
-from the caller's generator or seed: the result is fixed by that seed and the global RNG is left as it
-was. The original view is never augmented; that is the caller's un-augmented batch.
+Image view (`ImageView`, `POLICIES`): torchvision's AutoAugment (ImageNet policy by default) on float
+[0, 1] batches on the training device, every image with its own sub-policy; it lives in
+`clip_backdoor.data.autoaugment` and is re-exported here. The original view is never augmented; that
+is the caller's un-augmented batch.
 
 Text view (`EDA`): Wei & Zou's Easy Data Augmentation as CleanCLIP uses it: the caption is lower-cased
 and reduced to letters and spaces, then exactly one of synonym replacement, random insertion of a
@@ -19,7 +17,6 @@ path; without it the synonym operations become swap / deletion, with one warning
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -32,106 +29,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-import torch
-
+from clip_backdoor.data.autoaugment import POLICIES, ImageView
 from clip_backdoor.errors import UserError
 
+__all__ = ["EDA", "POLICIES", "ImageView", "LazyWordNet", "WordNetSynonyms", "words_of"]
+
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------
-# Image view
-# ---------------------------------------------------------------------------------------------------
-
-POLICIES = ("imagenet", "cifar10", "svhn")
-
-SubPolicy = tuple[tuple[str, float, int | None], ...]
-
-
-def _kornia_policy(name: str) -> tuple[SubPolicy, ...]:
-    from kornia.augmentation.auto.autoaugment import autoaugment as kornia_aa
-
-    table = {
-        "imagenet": kornia_aa.imagenet_policy,
-        "cifar10": kornia_aa.cifar10_policy,
-        "svhn": kornia_aa.svhn_policy,
-    }[name]
-    return tuple(tuple((op, float(p), mag) for op, p, mag in sub) for sub in table)
-
-
-def _seed_from(generator: torch.Generator | int | None) -> int:
-    if generator is None:  # no seed given: a fresh draw from torch's global RNG
-        return int(torch.randint(2**62, (1,)).item())
-    if isinstance(generator, torch.Generator):
-        return int(torch.randint(2**62, (1,), generator=generator, device=generator.device).item())
-    return int(generator)
-
-
-@contextlib.contextmanager
-def _seeded_global_rng(device: torch.device, seed: int):
-    """Seed torch's global CPU RNG and the RNG of ``device`` for one block, then restore both."""
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            yield
-        return
-    backend = getattr(torch, device.type)
-    index = device.index if device.index is not None else backend.current_device()
-    with torch.random.fork_rng(devices=[index], device_type=device.type):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.default_generators[index].manual_seed(seed)
-        else:
-            backend.manual_seed(seed)
-        yield
-
-
-class ImageView:
-    """AutoAugment (kornia) on float [0, 1] images ``[B, 3, H, W]`` or ``[3, H, W]``, any device.
-
-    ``per_image=True`` (default, the reference) draws a sub-policy per image and runs each distinct
-    sub-policy once on its images; ``per_image=False`` is kornia's own behaviour, one sub-policy for the
-    whole batch (cheaper for small images, but a batch then shares one pair of operations).
-    Call with ``generator`` = a ``torch.Generator`` (advanced by one draw), an int seed, or None
-    (a fresh draw from torch's global RNG). Same seed and thread count give identical numbers.
-    """
-
-    def __init__(self, policy: str = "imagenet", *, per_image: bool = True):
-        if policy not in POLICIES:
-            raise UserError(f"unknown AutoAugment policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        from kornia.augmentation.auto import AutoAugment
-
-        self.policy, self.per_image = policy, per_image
-        self.subpolicies = _kornia_policy(policy)
-        # One kornia module per sub-policy; a duplicated sub-policy reuses the first one's module so
-        # identical sub-policies are run in one call.
-        self._modules = list(AutoAugment(policy=[list(sub) for sub in self.subpolicies]).children())
-        self._canonical = torch.tensor([self.subpolicies.index(sub) for sub in self.subpolicies])
-
-    def choose_subpolicies(self, batch_size: int, seed: int) -> tuple[torch.Tensor, int]:
-        """Sub-policy index per image (CPU, long) and the seed for kornia's parameter draws."""
-        gen = torch.Generator().manual_seed(seed)
-        n = 1 if not self.per_image else batch_size
-        choice = torch.randint(len(self.subpolicies), (n,), generator=gen).expand(batch_size)
-        return choice, int(torch.randint(2**62, (1,), generator=gen).item())
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | int | None = None) -> torch.Tensor:
-        if not images.is_floating_point() or images.ndim not in (3, 4) or images.shape[-3] != 3:
-            raise ValueError(
-                f"expected float [B,3,H,W] or [3,H,W] in [0,1], got {images.dtype} {tuple(images.shape)}"
-            )
-        single = images.ndim == 3
-        x = (images.unsqueeze(0) if single else images).float()
-        choice, kornia_seed = self.choose_subpolicies(x.shape[0], _seed_from(generator))
-        choice = self._canonical[choice]
-        out = x.clone()
-        with _seeded_global_rng(x.device, kornia_seed):
-            for k in torch.unique(choice).tolist():
-                rows = (choice == k).nonzero().squeeze(1).to(x.device)
-                out.index_copy_(0, rows, self._modules[k](x.index_select(0, rows)))
-        out = out.clamp_(0, 1).to(images.dtype)
-        return out[0] if single else out
-
 
 # ---------------------------------------------------------------------------------------------------
 # Text view: EDA

@@ -13,9 +13,15 @@ Two ways of reading, chosen by what the storage allows:
 same keys give the same order. Plain ``iter(source)`` yields this rank's and dataloader worker's share
 of the current epoch (``set_epoch``) and is what writers and tools use.
 
-A row that cannot be used (missing or corrupt image, empty caption) is skipped, never raised: the
-source logs the first few at WARNING and counts all of them in ``n_skipped``. That count lives in the
-process that read the rows (a dataloader worker), so the training loader reports it per batch.
+A row that cannot be used (missing or corrupt image, empty or missing caption, a malformed CSV
+row) is skipped, never raised: the source logs the first few at WARNING and counts all of them in
+``n_skipped``. That count lives in the process that read the rows (a dataloader worker), so the
+training loader reports it per batch. A caption is missing when it is empty or one of pandas'
+missing-value markers (``NaN``, ``None``, ``null``, ``N/A``, ...; :data:`MISSING_CAPTIONS`): a CSV
+written by ``DataFrame.to_csv`` from a frame with gaps must not train on the word "nan".
+
+What would change which rows exist is an error, not a skip: a file without data rows, or a quote
+that is never closed (it would merge the following rows into one caption); see :class:`CsvSource`.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import hashlib
 import inspect
 import io
 import itertools
 import json
 import logging
 import os
+import re
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,6 +57,9 @@ log = logging.getLogger(__name__)
 WARN_FIRST_SKIPS = 5
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no", ""}
+# pandas.read_csv's default missing-value markers: a caption that is exactly one of them is missing.
+MISSING_CAPTIONS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                              "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
 class Sample(NamedTuple):
@@ -90,8 +101,20 @@ def unreadable(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def caption_problem(caption: Any) -> str | None:
+    """Why a caption cannot be trained on (None when it can): not text, empty, or a missing-value marker."""
+    if not isinstance(caption, str):
+        return "caption is not text"
+    text = caption.strip()
+    if not text:
+        return "empty caption"
+    if text in MISSING_CAPTIONS:
+        return f"missing caption ({text!r} marks a missing value)"
+    return None
+
+
 def usable_caption(caption: Any) -> bool:
-    return isinstance(caption, str) and bool(caption.strip())
+    return caption_problem(caption) is None
 
 
 def current_part(rank: int, world_size: int) -> tuple[int, int]:
@@ -118,6 +141,11 @@ class CaptionSource:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def fingerprint(self) -> dict:
+        """What identifies this source's rows, independent of shuffling, rank and seed; a poison
+        manifest records it and refuses another source (``attacks.manifest.check_source``)."""
+        return {"kind": type(self).__name__, "n_rows": int(self.num_samples), "sha256": None}
 
     def skip(self, where: str, why: str) -> None:
         """Count an unusable row; name it in the log only the first few times in this process."""
@@ -165,8 +193,8 @@ class _StringColumn:
         self._ends = array("q")
         self._size = 0
 
-    def append(self, text: str) -> None:
-        data = text.encode("utf-8")
+    def append(self, text: str | bytes) -> None:
+        data = text.encode("utf-8") if isinstance(text, str) else text
         self._chunks.append(data)
         self._size += len(data)
         self._ends.append(self._size)
@@ -180,6 +208,10 @@ class _StringColumn:
     def __len__(self) -> int:
         return len(self._ends)
 
+    def update_hash(self, h: Any) -> None:
+        h.update(self._ends_np.tobytes())
+        h.update(memoryview(self._data))
+
     def __getitem__(self, i: int) -> str:
         start = int(self._ends_np[i - 1]) if i > 0 else 0
         return self._data[start:int(self._ends_np[i])].tobytes().decode("utf-8")
@@ -190,6 +222,15 @@ class CsvSource(IndexedSource):
 
     ``row_id`` is the row's 0-based index among the data rows. An ``is_poison`` column (0/1/true/
     false) is read when present; without it every row is clean.
+
+    Malformed rows keep their place (row ids never shift) and are skipped and counted like a bad
+    image: a row with more fields than the header (an unquoted separator), bytes that are not
+    UTF-8, or quoting broken within its own line (``"a" b``). A quote that is never closed is an
+    error naming the line, because it would swallow the rows after it into one caption: the reader
+    reports a quoted field that runs to the end of the file or into an error on a later line, or
+    that holds a line which would be a row of its own (as many fields as the header, an image file
+    name where the image column is). A caption spanning lines inside proper quotes is accepted.
+    A file with a header but no data rows is an error too.
     """
 
     def __init__(self, path: str | os.PathLike, image_key: str = "image", caption_key: str = "caption",
@@ -198,18 +239,26 @@ class CsvSource(IndexedSource):
         super().__init__(seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
         self.path = Path(path)
         self.root = self.path.parent
+        self.malformed: dict[int, str] = {}  # row index -> why it is skipped (found while reading)
         self.images, self.captions, self.poison = self._read(image_key, caption_key, separator, poison_key)
         self.num_samples = len(self.images)
-        log.info("%s: %d rows, %d marked poisoned", self.path, self.num_samples, int(self.poison.sum()))
+        if self.num_samples == 0:
+            raise UserError(f"{self.path}: no data rows (only a header); is this the right file?")
+        log.info("%s: %d rows, %d marked poisoned%s", self.path, self.num_samples, int(self.poison.sum()),
+                 f", {len(self.malformed)} malformed (skipped)" if self.malformed else "")
 
     def _read(self, image_key: str, caption_key: str, separator: str,
               poison_key: str | None) -> tuple[_StringColumn, _StringColumn, np.ndarray]:
         if not self.path.is_file():
             raise UserError(f"{self.path}: CSV file not found")
         images, captions, poison = _StringColumn(), _StringColumn(), array("b")
-        with open(self.path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM (Excel)
-            reader = csv.reader(f, delimiter=separator)
-            header = [name.strip() for name in next(reader, [])]
+        # -sig: tolerate a BOM (Excel); surrogateescape: a non-UTF-8 byte spoils its row, not the file.
+        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.reader(f, delimiter=separator, strict=True)
+            try:
+                header = [name.strip() for name in next(reader, [])]
+            except csv.Error as e:
+                raise UserError(f"{self.path}:1: the header is not valid CSV ({e})") from None
             for key in (image_key, caption_key):
                 if key not in header:
                     hint = f"; is the separator {separator!r} right?" if len(header) == 1 else ""
@@ -217,26 +266,81 @@ class CsvSource(IndexedSource):
                                     f"{', '.join(repr(h) for h in header) or 'no columns'}{hint}")
             col_image, col_caption = header.index(image_key), header.index(caption_key)
             col_poison = header.index(poison_key) if poison_key in header else None
-            for row in reader:
-                if not row:  # a blank line is not a row
-                    continue
+            for line, row, why in self._records(reader, len(header), col_image, separator):
                 # A short row keeps empty fields, which load() then skips and counts.
-                images.append(row[col_image].strip() if col_image < len(row) else "")
-                captions.append(row[col_caption] if col_caption < len(row) else "")
+                image = row[col_image].strip() if col_image < len(row) else ""
+                caption = row[col_caption] if col_caption < len(row) else ""
+                try:
+                    image_bytes, caption_bytes = image.encode("utf-8"), caption.encode("utf-8")
+                except UnicodeEncodeError:  # the surrogates of undecodable bytes
+                    why = why or "not valid UTF-8"
+                if why:  # kept empty, so column readers (the poison scan) see an unusable row too
+                    self.malformed[len(images)] = f"line {line}: {why}"
+                    image_bytes = caption_bytes = b""
+                images.append(image_bytes)
+                captions.append(caption_bytes)
                 flag = False
-                if col_poison is not None and col_poison < len(row):
+                if col_poison is not None and col_poison < len(row) and not why:
                     flag = parse_flag(row[col_poison])
                     if flag is None:
-                        raise UserError(f"{self.path}:{reader.line_num}: column {poison_key!r} must be "
+                        raise UserError(f"{self.path}:{line}: column {poison_key!r} must be "
                                         f"0/1/true/false, got {row[col_poison]!r}")
                 poison.append(flag)
         return images.freeze(), captions.freeze(), np.frombuffer(poison, dtype=np.int8).astype(bool)
 
+    def _records(self, reader: Any, width: int, col_image: int,
+                 separator: str) -> Iterator[tuple[int, list[str], str | None]]:
+        """(first line, fields, why the row is malformed or None) for every data row; an unbalanced
+        quote, which would merge rows, is a UserError."""
+        end = reader.line_num
+        while True:
+            try:
+                for row in reader:
+                    first, end = end + 1, reader.line_num
+                    if not row:  # a blank line is not a row
+                        continue
+                    if end > first:
+                        self._check_multiline(row, first, end, separator, width, col_image)
+                    yield first, row, (f"{len(row)} fields but the header has {width} (an unquoted "
+                                       f"{separator!r} in a caption?)" if len(row) > width else None)
+                return
+            except csv.Error as e:  # the reader goes on with the next line
+                first, end = end + 1, reader.line_num
+                if end > first:
+                    raise UserError(f"{self.path}:{first}: a quoted field opened on this line is still "
+                                    f"open at line {end} ({e}); a quote is unbalanced and would merge "
+                                    f"{end - first + 1} lines into one row") from None
+                yield first, [], f"malformed quoting ({e})"
+
+    def _check_multiline(self, row: list[str], first: int, last: int, separator: str, width: int,
+                         col_image: int) -> None:
+        """A field spanning lines is fine unless one of its lines would be a row by itself."""
+        image_suffixes = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
+        for field_text in row:
+            for line in re.split(r"\r\n|\r|\n", field_text)[1:]:
+                fields = next(csv.reader([line], delimiter=separator), [])
+                if (len(fields) == width and col_image < width
+                        and fields[col_image].strip().lower().endswith(image_suffixes)):
+                    raise UserError(f"{self.path}:{first}: a quoted field opened on this line runs to line "
+                                    f"{last} and holds what looks like a row of its own ({line[:60]!r}); "
+                                    "a quote is unbalanced")
+
+    def fingerprint(self) -> dict:
+        h = hashlib.sha256()
+        self.images.update_hash(h)
+        self.captions.update_hash(h)
+        h.update(self.poison.tobytes())
+        return {"kind": "csv", "n_rows": self.num_samples, "sha256": h.hexdigest()}
+
     def load(self, index: int) -> Sample | None:
         image_path, caption = self.images[index], self.captions[index]
         where = f"{self.path} row {index}"
-        if not usable_caption(caption):
-            self.skip(where, "empty caption")
+        if index in self.malformed:
+            self.skip(where, self.malformed[index])
+            return None
+        problem = caption_problem(caption)
+        if problem:
+            self.skip(where, problem)
             return None
         if not image_path:
             self.skip(where, "empty image path")
@@ -290,10 +394,17 @@ class SyntheticSource(IndexedSource):
             image, caption = self._images[index], self._captions[index]
         else:
             image, caption, _label = self.world.train_pair(index)
-        if not usable_caption(caption):
-            self.skip(f"synthetic pair {index}", "empty caption")
+        problem = caption_problem(caption)
+        if problem:
+            self.skip(f"synthetic pair {index}", problem)
             return None
         return Sample(image, caption, str(index), False)
+
+    def fingerprint(self) -> dict:
+        # Which pairs exist depends on the world's seed and knobs, not on the resolution it renders at.
+        world = {"seed": getattr(self.world, "seed", None), "knobs": repr(getattr(self.world, "knobs", None))}
+        digest = hashlib.sha256(json.dumps(world, sort_keys=True).encode()).hexdigest()
+        return {"kind": "synthetic", "n_rows": self.num_samples, "sha256": digest}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +457,34 @@ def read_sizes(shards: Sequence[Path]) -> int:
     return total
 
 
+def tar_damage(path: str | os.PathLike) -> str | None:
+    """Why a tar file is damaged in a way that reading it would not report (None when intact).
+
+    Python's tarfile ends an archive silently at a corrupt member header, or at a cut exactly between
+    members, so the samples after it would vanish uncounted. An intact tar ends, after its last
+    member, in at least two 512-byte blocks of zeros. Reads headers only (it seeks over the data).
+    """
+    import tarfile
+
+    path = Path(path)
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for _ in tar:
+                pass
+            end = tar.offset
+        size = path.stat().st_size
+        if size - end < 1024:
+            return f"truncated tar (cut at byte {size}, no end-of-archive blocks)"
+        with open(path, "rb") as f:
+            f.seek(end)
+            while chunk := f.read(1 << 16):
+                if chunk.count(0) != len(chunk):
+                    return f"corrupt tar header at byte {end}"
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return f"unreadable tar ({e})"
+    return None
+
+
 def buffer_shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """Shuffle a stream through a buffer of ``size`` items (exact shuffle for streams <= size)."""
     buffer: list[Any] = []
@@ -374,7 +513,16 @@ class WdsSource(CaptionSource):
         self.shards = expand_shards(urls)
         self.num_samples = int(num_samples) if num_samples is not None else read_sizes(self.shards)
         self.shuffle_buffer = int(shuffle_buffer)
+        if self.num_samples == 0:
+            raise UserError(f"{self.shards[0].parent / 'sizes.json'}: the shards hold 0 samples; is this the "
+                            "right data?")
         log.info("%d shards, %d samples (first: %s)", len(self.shards), self.num_samples, self.shards[0])
+
+    def fingerprint(self) -> dict:
+        # Shard names and sizes in bytes: reading every sample just to check would cost a whole pass.
+        shards = [[shard.name, shard.stat().st_size] for shard in self.shards]
+        digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+        return {"kind": "wds", "n_rows": self.num_samples, "sha256": digest}
 
     def stream(self, part: int, num_parts: int, keys: Sequence[int]) -> Iterator[Sample]:
         """Samples of one part of the data, in an order seeded by ``keys`` (and ``part``)."""
@@ -387,8 +535,9 @@ class WdsSource(CaptionSource):
             shards, stride = shards[part::num_parts], None
         else:
             stride = num_parts
-        handler = functools.partial(self._shard_error, reported=set())
-        raw = tarfile_samples(({"url": str(s)} for s in shards), handler=handler)
+        reported: set[str] = set()  # shards already counted as broken in this pass
+        handler = functools.partial(self._shard_error, reported=reported)
+        raw = tarfile_samples(self._checked_urls(shards, reported), handler=handler)
         if stride is not None:
             raw = itertools.islice(raw, part, None, stride)
         if self.shuffle and self.shuffle_buffer > 1:
@@ -401,6 +550,16 @@ class WdsSource(CaptionSource):
     def __iter__(self) -> Iterator[Sample]:
         part, num_parts = current_part(self.rank, self.world_size)
         return self.stream(part, num_parts, (self.seed, self.epoch))
+
+    def _checked_urls(self, shards: Sequence[Path], reported: set[str]) -> Iterator[dict]:
+        """Each shard's url, once its end is checked: what tarfile would lose without an error is
+        counted here (the samples before the damage are still read)."""
+        for shard in shards:
+            why = tar_damage(shard)
+            if why is not None and str(shard) not in reported:
+                reported.add(str(shard))
+                self.skip(str(shard), f"{why}; the samples after it are dropped")
+            yield {"url": str(shard)}
 
     def _shard_error(self, exn: Exception, reported: set[str]) -> bool:
         """A truncated or corrupt tar loses the rest of that shard: count and name it once per pass
@@ -424,8 +583,9 @@ class WdsSource(CaptionSource):
         except UnicodeDecodeError:
             self.skip(where, "caption is not UTF-8")
             return None
-        if not usable_caption(caption):
-            self.skip(where, "empty or missing caption (.txt)")
+        problem = caption_problem(caption) if "txt" in item else "no caption (.txt)"
+        if problem:
+            self.skip(where, problem)
             return None
         is_poison = False
         if "json" in item:
@@ -483,6 +643,9 @@ class MappedSource(CaptionSource):
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
 
+    def fingerprint(self) -> dict:
+        return self.inner.fingerprint()
+
     def skip(self, where: str, why: str) -> None:
         self.inner.skip(where, why)
 
@@ -535,6 +698,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["Sample", "CaptionSource", "IndexedSource", "CsvSource", "SyntheticSource", "WdsSource",
-           "MappedSource", "make_source", "expand_shards", "read_sizes", "seeded_rng", "parse_flag"]
+           "MappedSource", "make_source", "expand_shards", "read_sizes", "seeded_rng", "parse_flag",
+           "caption_problem", "usable_caption", "MISSING_CAPTIONS"]
 # Also importable from here (lazily, see __getattr__): build_train_loader, TrainLoader,
 # write_csv_dataset, write_wds_dataset, WrittenDataset.

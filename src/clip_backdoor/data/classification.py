@@ -1,7 +1,10 @@
 """Labelled evaluation sets for zero-shot classification, and the class names and prompts they carry.
 
 Every set has ``.classes`` (distinct names), ``.templates`` (prompts with ``{}`` for the name),
-``__len__`` and ``__getitem__(i) -> (uint8 [3, S, S] preprocessed to the model resolution, label)``.
+``__len__``, ``__getitem__(i) -> (uint8 [3, S, S] preprocessed to the model resolution, label)`` and
+``views(i) -> (clean uint8 [3, S, S], uint8 [3, S, S] to trigger, label)``: clean images are resized
+and centre-cropped, images that get the test-time trigger are squashed to S × S first, exactly as the
+poisons were (and as the reference's ``apply_trigger`` does).
 Three kinds, built directly or from a config spec by :func:`open_eval_set`:
 
 - ``imagefolder``: ``root/<class_dir>/*.png|jpg|...``; class directories in sorted order, names from
@@ -11,6 +14,14 @@ Three kinds, built directly or from a config spec by :func:`open_eval_set`:
   paths relative to the CSV); names from ``classnames.json`` next to it or the shipped ImageNet-1K
   list, prompts from ``templates.json`` next to it or the 80 ImageNet templates.
 - ``synthetic``: the eval split of the synthetic world (no files).
+
+Held-out selection needs two disjoint splits: a *test* split that reports and a *validation* split
+that chooses (learning rate, epoch). :class:`EvalSplits` holds both in one dataset (test images first,
+``val_from`` = the number of test images), so one pass through the model evaluates both. From a
+spec: ``synthetic`` takes ``val_n`` images of the world's eval split from ``val_start`` (default: right
+after the ``n`` test images); the file kinds take ``val_path`` (a second set of the same kind) or
+``val_fraction`` (a seeded, per-class partition of the one set by ``split_seed``). Overlapping
+splits are an error naming the key.
 
 An evaluation set must be whole: an unreadable image is an error naming its path, never a skip, so
 two evaluations of one checkpoint always see the same images.
@@ -35,7 +46,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from clip_backdoor.data.transforms import preprocess
+from clip_backdoor.data.transforms import preprocess, squash
 from clip_backdoor.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -136,14 +147,27 @@ def resolve_class(classes: Sequence[str], name: str | int) -> int:
 # Evaluation sets
 # --------------------------------------------------------------------------------------------
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """Decode and preprocess one eval image; unreadable is an error: eval sets must be whole."""
+def _decode(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            return img.convert("RGB")
     except Exception as e:  # PIL raises many types for missing or corrupt files
         raise UserError(f"{path}: unreadable image in eval set ({type(e).__name__}: {e})") from None
-    return preprocess(img, image_size)
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """Decode and preprocess one eval image; unreadable is an error: eval sets must be whole."""
+    return preprocess(_decode(path), image_size)
+
+
+def views_of(image: Image.Image | torch.Tensor, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean view, view to trigger) of one eval image, both uint8 ``[3, S, S]``.
+
+    The clean view is resized and centre-cropped; the view to trigger is *squashed* to S × S, the
+    geometry the poisons were trained on (the reference's ``apply_trigger`` resizes to 224 × 224
+    before pasting the patch, and its processor's crop is then a no-op).
+    """
+    return preprocess(image, image_size), squash(image, image_size)
 
 
 class _FileSet(torch.utils.data.Dataset):
@@ -164,9 +188,20 @@ class _FileSet(torch.utils.data.Dataset):
         path, label = self.items[index]
         return load_image(path, self.image_size), label
 
+    def views(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(centre-cropped image, squashed image, label), decoding the file once."""
+        path, label = self.items[index]
+        return (*views_of(_decode(path), self.image_size), label)
+
     @property
     def labels(self) -> list[int]:
         return [label for _, label in self.items]
+
+    def subset(self, positions: Sequence[int]) -> _FileSet:
+        """The same set (classes, templates, resolution) restricted to these positions, in order."""
+        part = _FileSet([self.items[i] for i in positions], self.image_size)
+        part.classes, part.templates = self.classes, self.templates
+        return part
 
 
 class ImageFolderSet(_FileSet):
@@ -264,12 +299,15 @@ class LabelsCsvSet(_FileSet):
 
 
 class SyntheticEvalSet(torch.utils.data.Dataset):
-    """The first ``n`` images of the world's eval split (classes cycle, so every class gets n/C)."""
+    """``n`` images of the world's eval split from index ``start`` (classes cycle, so n images from a
+    multiple of C give every class n/C)."""
 
-    def __init__(self, world: Any, n: int, image_size: int | None = None):
+    def __init__(self, world: Any, n: int, image_size: int | None = None, start: int = 0):
         if n < 1:
             raise UserError(f"synthetic eval set: n={n}, need at least 1 image")
-        self.world, self.n = world, int(n)
+        if start < 0:
+            raise UserError(f"synthetic eval set: start={start} must be >= 0")
+        self.world, self.n, self.start = world, int(n), int(start)
         self.image_size = int(image_size or world.image_size)
         self.classes = check_classes(list(world.classes), "synthetic world")
         self.templates = check_templates(list(world.templates), "synthetic world")
@@ -280,38 +318,148 @@ class SyntheticEvalSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.n:
             raise IndexError(f"synthetic eval index {index} out of range for {self.n} images")
-        image, label = self.world.eval_pair(index)
+        image, label = self.world.eval_pair(self.start + index)
         if image.shape[-1] != self.image_size:
             image = preprocess(image, self.image_size)
         return image, label
+
+    def views(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(clean, to-trigger, label): the world renders squares, so both are the same image unless
+        it is rendered at another size than the model's."""
+        if not 0 <= index < self.n:
+            raise IndexError(f"synthetic eval index {index} out of range for {self.n} images")
+        image, label = self.world.eval_pair(self.start + index)
+        if image.shape[-1] == self.image_size:
+            return image, image, label
+        return (*views_of(image, self.image_size), label)
+
+
+class EvalSplits(torch.utils.data.Dataset):
+    """A test split and a validation split as one dataset: positions ``[0, val_from)`` are the test
+    images, ``[val_from, len)`` the validation images (evaluated in the same pass, counted apart)."""
+
+    def __init__(self, test: Any, validation: Any):
+        if list(validation.classes) != list(test.classes):
+            raise UserError("eval.val_path: the validation set's classes differ from the test set's "
+                            f"({len(validation.classes)} vs {len(test.classes)} classes, or another order)")
+        self.test, self.validation = test, validation
+        self.classes, self.templates = test.classes, test.templates
+        self.val_from = len(test)
+
+    def __len__(self) -> int:
+        return self.val_from + len(self.validation)
+
+    def _part(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"eval index {index} out of range for {len(self)} images")
+        return (self.test, index) if index < self.val_from else (self.validation, index - self.val_from)
+
+    def __getitem__(self, index: int):
+        part, i = self._part(index)
+        return part[i]
+
+    def views(self, index: int):
+        part, i = self._part(index)
+        views = getattr(part, "views", None)
+        if views is not None:
+            return views(i)
+        image, label = part[i]
+        return image, image, label
+
+
+def split_positions(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(test, validation) positions: per class, a seeded shuffle of its images gives round(fraction ×
+    count) of them to validation, so both splits keep the class balance. Pure in (labels, fraction,
+    seed); each list in the original order."""
+    import random
+
+    by_class: dict[int, list[int]] = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    validation: set[int] = set()
+    for label in sorted(by_class):
+        positions = by_class[label]
+        random.Random(f"eval-split|{seed}|{label}").shuffle(positions)
+        validation.update(positions[:round(fraction * len(positions))])
+    test = [p for p in range(len(labels)) if p not in validation]
+    return test, sorted(validation)
+
+
+def check_synthetic_splits(n: int, val_n: int, val_start: int | None) -> int:
+    """The validation split's first index; an overlap with the test images [0, n) names the key."""
+    start = n if val_start is None else val_start
+    if val_n and start < n:
+        raise UserError(f"eval.val_start: validation images [{start}, {start + val_n}) overlap the test "
+                        f"images [0, {n}); choose val_start >= {n} (eval.n)")
+    return start
+
+
+def with_validation(test: Any, *, val_set: Any = None, val_fraction: float | None = None,
+                    split_seed: int = 0) -> Any:
+    """``test`` alone, or :class:`EvalSplits` of (test, validation) from a second set or a partition."""
+    if val_set is not None and val_fraction is not None:
+        raise UserError("eval.val_fraction: give a validation set (val_path) or a fraction, not both")
+    if val_fraction is not None:
+        if not 0 < val_fraction < 1:
+            raise UserError(f"eval.val_fraction: {val_fraction!r} must lie strictly between 0 and 1")
+        test_positions, val_positions = split_positions(test.labels, val_fraction, split_seed)
+        if not test_positions or not val_positions:
+            raise UserError(f"eval.val_fraction: {val_fraction!r} of {len(test)} images leaves one split "
+                            "empty")
+        return EvalSplits(test.subset(test_positions), test.subset(val_positions))
+    if val_set is None:
+        return test
+    shared = sorted({str(p.resolve()) for p, _ in test.items} & {str(p.resolve()) for p, _ in val_set.items})
+    if shared:
+        raise UserError(f"eval.val_path: {len(shared)} of its images are also in the test set (e.g. "
+                        f"{shared[0]}); the validation and test splits must be disjoint")
+    return EvalSplits(test, val_set)
 
 
 # --------------------------------------------------------------------------------------------
 # From a config
 # --------------------------------------------------------------------------------------------
 
-def _synthetic(image_size: int, n: int = 1000, world: Mapping | None = None) -> SyntheticEvalSet:
+def _synthetic(image_size: int, n: int = 1000, world: Mapping | None = None, val_n: int = 0,
+               val_start: int | None = None) -> SyntheticEvalSet | EvalSplits:
     from clip_backdoor.data.world import World
 
     options = dict(world or {})
     options.setdefault("image_size", image_size)
-    return SyntheticEvalSet(World(**options), n, image_size)
+    start = check_synthetic_splits(n, val_n, val_start)
+    the_world = World(**options)
+    test = SyntheticEvalSet(the_world, n, image_size)
+    return EvalSplits(test, SyntheticEvalSet(the_world, val_n, image_size, start)) if val_n else test
 
 
-def _imagefolder(image_size: int, root: str, classnames: Any = None, templates: Any = None) -> ImageFolderSet:
-    return ImageFolderSet(root, image_size, classnames=classnames, templates=templates)
+_SPLIT_OPTIONS = ("val_path", "val_fraction", "split_seed")
+
+
+def _imagefolder(image_size: int, root: str, classnames: Any = None, templates: Any = None,
+                 val_path: str | None = None, val_fraction: float | None = None,
+                 split_seed: int = 0) -> ImageFolderSet | EvalSplits:
+    test = ImageFolderSet(root, image_size, classnames=classnames, templates=templates)
+    val = (ImageFolderSet(val_path, image_size, classnames=classnames, templates=templates)
+           if val_path else None)
+    return with_validation(test, val_set=val, val_fraction=val_fraction, split_seed=split_seed)
 
 
 def _labels_csv(image_size: int, path: str, classes: Any = None, templates: Any = None,
-                image_column: str = "image", label_column: str = "label") -> LabelsCsvSet:
-    return LabelsCsvSet(path, image_size, classes=classes, templates=templates,
-                        image_column=image_column, label_column=label_column)
+                image_column: str = "image", label_column: str = "label", val_path: str | None = None,
+                val_fraction: float | None = None, split_seed: int = 0) -> LabelsCsvSet | EvalSplits:
+    def one(csv_path: str) -> LabelsCsvSet:
+        return LabelsCsvSet(csv_path, image_size, classes=classes, templates=templates,
+                            image_column=image_column, label_column=label_column)
+
+    return with_validation(one(path), val_set=one(val_path) if val_path else None, val_fraction=val_fraction,
+                           split_seed=split_seed)
 
 
-EVAL_KINDS = {
-    "synthetic": (_synthetic, ("n", "world")),                    # {"n": 1000, "world": {"seed": 0, ...}}
-    "imagefolder": (_imagefolder, ("root", "classnames", "templates")),
-    "labels_csv": (_labels_csv, ("path", "classes", "templates", "image_column", "label_column")),
+EVAL_KINDS = {  # {"n": 1000, "world": {"seed": 0, ...}, "val_n": 1000}
+    "synthetic": (_synthetic, ("n", "world", "val_n", "val_start")),
+    "imagefolder": (_imagefolder, ("root", "classnames", "templates", *_SPLIT_OPTIONS)),
+    "labels_csv": (_labels_csv, ("path", "classes", "templates", "image_column", "label_column",
+                                 *_SPLIT_OPTIONS)),
 }
 
 
@@ -351,6 +499,6 @@ def _spec_from_string(text: str) -> dict:
     raise UserError(f"eval set {text!r}: not 'synthetic', a labels .csv, or an existing image folder")
 
 
-__all__ = ["ImageFolderSet", "LabelsCsvSet", "SyntheticEvalSet", "open_eval_set", "resolve_class",
-           "imagenet_classes", "imagenet_templates", "check_classes", "check_templates", "load_templates",
-           "load_image", "EVAL_KINDS"]
+__all__ = ["ImageFolderSet", "LabelsCsvSet", "SyntheticEvalSet", "EvalSplits", "open_eval_set",
+           "resolve_class", "imagenet_classes", "imagenet_templates", "check_classes", "check_templates",
+           "load_templates", "load_image", "views_of", "EVAL_KINDS", "split_positions", "with_validation"]

@@ -171,15 +171,32 @@ class TrainLoader:
         self.source.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict]:
-        return (batch for batch in self.dataloader if _RESUMED_PAST not in batch)
+        try:
+            for batch in self.dataloader:
+                if _RESUMED_PAST not in batch:  # a worker's stand-in for a batch before the resume point
+                    yield batch
+        except UserError as e:  # raised in a worker: torch wraps it in the worker's traceback
+            raise UserError(worker_message(e)) from None
+
+
+def worker_message(error: BaseException) -> str:
+    """The one-line message of an error re-raised from a dataloader worker (torch prepends the
+    worker's whole traceback, which must not reach the user for a mistake of theirs)."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{type(error).__name__}: "
+    lines = [line for line in text.splitlines() if marker in line]
+    return lines[-1].split(marker, 1)[1].strip() if lines else text.splitlines()[0]
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
-    """A dataloader worker's ``worker_init_fn``: leave SIGTERM/SIGUSR1/SIGUSR2 to the training
-    process. A cluster signals every process of a job; a worker that died of it would make the
-    DataLoader raise in the training process before that could write its resumable checkpoint.
-    Workers still end when the loader shuts them down, or when the training process is gone."""
-    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+    """A dataloader worker's ``worker_init_fn``: leave SIGUSR1/SIGUSR2 (a cluster's "time is nearly
+    up", sent to every process of a job) to the training process, which checkpoints and then shuts
+    the workers down. SIGTERM keeps torch's handling: it is also how a loader (or the interpreter at
+    exit) ends workers that did not stop; the training process tolerates their deaths once it got a
+    stop signal itself (``train/preempt.py``)."""
+    for name in ("SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 

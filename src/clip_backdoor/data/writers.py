@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from clip_backdoor.data.captions import Sample
 from clip_backdoor.errors import UserError
-from clip_backdoor.fileio import atomic_dir, write_json
+from clip_backdoor.fileio import atomic_dir, temp_dir_sibling, write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +105,10 @@ def _write_atomically(out_dir: str | os.PathLike, overwrite: bool, fill: Callabl
     if not out_dir.exists():
         with atomic_dir(out_dir) as tmp:
             return fill(tmp)
-    staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
+    staged = temp_dir_sibling(out_dir, "new")
     try:
         result = fill(staged)
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = temp_dir_sibling(out_dir, "old")
         os.replace(out_dir, old / out_dir.name)
         os.replace(staged, out_dir)
         shutil.rmtree(old, ignore_errors=True)

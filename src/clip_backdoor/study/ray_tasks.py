@@ -131,12 +131,10 @@ def run_task(name: str, cfg: TrainConfig, keep: bool, nproc: int) -> dict:
 
 
 def _job_id() -> str:
-    try:
-        import ray
-
+    ray = sys.modules.get("ray")  # never imported here just to ask: its grpc does not survive a fork
+    if ray is not None and ray.is_initialized():
         return f"ray:{ray.get_runtime_context().get_task_id()}"
-    except Exception:  # not in a Ray task (a test calling run_task directly)
-        return f"ray:{os.getpid()}"
+    return f"ray:{os.getpid()}"  # not in a Ray task (run_task called directly)
 
 
 def torchrun_command(cfg_path: Path, name: str, keep: bool, nproc: int) -> list[str]:
@@ -179,9 +177,9 @@ class RayExecutor(Executor):
             check_shared(plan.root, "study directory", "Ray workers on other nodes")
         if dry_run:
             return
-        self.ray = require("ray", "ray", "run.executor=ray")
-        if settings.address is not None:
+        if settings.address is not None:  # before importing ray (its grpc does not survive a fork)
             check_reachable(settings.address, settings.connect_timeout_s)
+        self.ray = require("ray", "ray", "run.executor=ray")
         self._init()
 
     def _init(self) -> None:
@@ -206,7 +204,7 @@ class RayExecutor(Executor):
         self._started_here = True
 
     def resources(self, run: Run) -> TaskResources:
-        return self.settings.pretrain if run.stage == "pretrain" else self.settings.clean
+        return self.settings.clean if run.stage == "clean" else self.settings.pretrain  # baselines too
 
     def _task_cfg(self, run: Run) -> TrainConfig:
         """A GPU task trains on the GPU Ray gave it; a CPU task uses its CPUs as torch threads."""
@@ -225,6 +223,10 @@ class RayExecutor(Executor):
                                  retry_exceptions=False)(run_task)
         for run, keep in batch:
             r = self.resources(run)
+            if r.num_gpus > 1:
+                from clip_backdoor.study.slurm import check_split
+
+                check_split(run, int(r.num_gpus))
             ref = remote.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, name=run.name).remote(
                 run.name, self._task_cfg(run), keep, max(1, int(r.num_gpus)))
             jobs.append(Job(run, f"ray:{ref.task_id().hex()}", ref))

@@ -5,6 +5,10 @@ writes everything into ``<study_dir>/report/``. It reports what exists and says 
 it can run on a study that is still going. Output files are byte-identical across reruns on the same
 results (fixed SVG hash salt, no dates in metadata, no timestamps in the page).
 
+The environment the runs ran in (each run's ``environment.json``, see ``clip_backdoor.environment``)
+is shown once, with every field on which runs of the study differ and which runs those are;
+``report/environment.json`` holds the common fingerprint and the differences.
+
 Figures (matplotlib, Agg, no pyplot state):
   acc_vs_asr     every cleaning checkpoint (lr × epoch ≥ 1) in (ASR, accuracy), a panel per objective
   trajectories   the selected run of each method, epoch 0 → E, in the same plane
@@ -29,10 +33,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from clip_backdoor import environment
 from clip_backdoor.errors import UserError
-from clip_backdoor.fileio import atomic_write_bytes, atomic_write_text
+from clip_backdoor.fileio import atomic_write_bytes, atomic_write_text, write_json
 from clip_backdoor.study import select
 from clip_backdoor.study.select import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_TAUS,
     HEADLINE_TAU,
     format_change,
@@ -65,7 +71,7 @@ STYLE = {
 }
 PNG_DPI = 130
 REPORT_FILES = ("headline.md", "selection.csv", "selection.md", "selection_per_seed.csv", "poisoned.csv",
-                "runs.csv", "runs.md", "../results.csv")
+                "runs.csv", "runs.md", "environment.json", "../results.csv")
 FIGURE_NAMES = ("acc_vs_asr", "trajectories", "pretraining", "k_poisons")
 ACC_LABEL = "zero-shot accuracy, top-1 (%)"
 ASR_LABEL = "attack success rate, top-1 (%)"
@@ -212,7 +218,7 @@ def selected_runs(data: StudyData) -> dict[tuple, tuple[float | None, int]]:
     wanted = {tau_rule(data.tau): 0, "min-asr": 1}
     best: dict[tuple, tuple[int, float | None, int]] = {}
     for r in data.per_seed:
-        if r["k"] == 0 and r["rule"] in wanted and r["status"] == "ok":
+        if r["k"] == 0 and r["rule"] in wanted and r["status"] == "ok" and r["selected_on"] == "test":
             key = (r["seed"], r["pretrain"], r["method"])
             if key not in best or wanted[r["rule"]] < best[key][0]:
                 best[key] = (wanted[r["rule"]], r["lr"], r["epoch"])
@@ -319,7 +325,7 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
         return "the study has no cleaning runs with poisons in the cleaning set (k > 0)"
     if not data.has_asr:
         return "the results have no ASR (was the study run without an attack?)"
-    table = select.aggregate_per_seed(data.per_seed)
+    table = [r for r in select.aggregate_per_seed(data.per_seed) if r["selected_on"] == "test"]
     index = {(r["pretrain"], r["method"], r["k"], r["rule"]): r for r in table}
     variants = defaultdict(set)
     for r in table:
@@ -430,8 +436,9 @@ def final_metrics(rows: Sequence[dict]) -> list[dict]:
         key = (r["stage"], *select.run_key(r))
         if key not in last or r["epoch"] > last[key]["epoch"]:
             last[key] = r
+    stages = {"pretrain": 0, "baseline": 1}  # then clean
     ordered = sorted(last.values(), key=lambda r: (
-        r["stage"] != "pretrain", objective_key(r["pretrain"]), r.get("k") or 0,
+        stages.get(r["stage"], 2), objective_key(r["pretrain"]), r.get("k") or 0,
         method_key(r.get("method") or ""), r.get("lr") or 0.0, r["seed"]))
     columns = ("run", "stage", "seed", "pretrain", "method", "k", "lr", "epoch", "step", "acc1", "acc5",
                "asr1", "asr5", "ra1", "n", "n_asr", "loss", "pruned")
@@ -447,21 +454,28 @@ def selection_display(table: Sequence[dict]) -> list[dict]:
             "pre-training": objective_label(r["pretrain"]),
             "cleaning": method_label(r["method"], r["k"]),
             "rule": rule_label(r["rule"]) + ("" if r["peeks_at_asr"] else " (realistic)"),
+            "selected on": select.SELECTION_LABELS[r["selected_on"]],
             "acc1 (%)": select.selected_cell(r),
-            "ASR (%)": format_pct(r["asr1_mean"], r["asr1_std"]) if found else "",
-            "change vs poisoned": format_change(r["rel_change_mean"], r["rel_change_std"]) if found else "",
+            "ASR (%)": format_pct(r["asr1_mean"], r["asr1_ci"]) if found else "",
+            "seeds": select.found_cell(r),
+            "change vs poisoned": format_change(r["rel_change_mean"], r["rel_change_ci"]) if found else "",
+            "oracle's optimism (points)": select.format_points(r["optimism_mean"], r["optimism_ci"])
+            if r.get("n_paired") else "",
             "lr per seed": r["lrs"].replace(";", ", "),
             "epoch per seed": r["epochs"].replace(";", ", "),
         })
+    if not any(r["selected_on"] == "validation" for r in table):  # no validation split: no such columns
+        for record in out:
+            del record["selected on"], record["oracle's optimism (points)"]
     return out
 
 
-def poisoned_display(table: Sequence[dict]) -> list[dict]:
-    return [{"pre-training": objective_label(r["pretrain"]), "seeds": r["n_seeds"],
-             "acc1 (%)": format_pct(r["acc1_mean"], r["acc1_std"]),
-             "acc5 (%)": format_pct(r["acc5_mean"], r["acc5_std"]),
-             "ASR top-1 (%)": format_pct(r["asr1_mean"], r["asr1_std"]),
-             "ASR top-5 (%)": format_pct(r["asr5_mean"], r["asr5_std"]),
+def poisoned_display(table: Sequence[dict], model: str = "poisoned") -> list[dict]:
+    return [{"pre-training": objective_label(r["pretrain"]), "model": model, "seeds": r["n_seeds"],
+             "acc1 (%)": format_pct(r["acc1_mean"], r["acc1_ci"]),
+             "acc5 (%)": format_pct(r["acc5_mean"], r["acc5_ci"]),
+             "ASR top-1 (%)": format_pct(r["asr1_mean"], r["asr1_ci"]),
+             "ASR top-5 (%)": format_pct(r["asr5_mean"], r["asr5_ci"]),
              "measured at": r["source"]} for r in table]
 
 
@@ -532,6 +546,69 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# The environment the runs ran in
+# ------------------------------------------------------------------------------------------------
+# The fields of the one-paragraph summary (the page and report/environment.json have every field).
+SUMMARY_FIELDS = (("python.version", "Python"), ("torch.version", "torch"),
+                  ("torch.cpu_capability", "CPU capability"), ("torch.threads", "torch threads"),
+                  ("torch.interop_threads", "inter-op threads"), ("torch.world_size", "processes"),
+                  ("cpu.model", "CPU"), ("cpu.logical_cores", "logical cores"), ("os.platform", "OS"),
+                  ("cuda.device", "CUDA device"), ("cuda.driver", "NVIDIA driver"), ("cuda.cudnn", "cuDNN"),
+                  ("toolkit.version", "clip-backdoor"), ("toolkit.commit", "commit"),
+                  ("toolkit.dirty", "uncommitted changes"))
+
+
+def study_environments(study_dir: Path, rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Run name -> the fingerprints in its ``environment.json`` ([] when it has none), for every run
+    in the results, in the results' order."""
+    names = dict.fromkeys(str(r["run"]) for r in rows if r.get("run"))
+    return {name: environment.read_environment(study_dir / name) for name in names}
+
+
+def environment_summary(by_run: dict[str, list[dict]]) -> dict:
+    """The common fingerprint, the fields on which runs differ (and which runs), and the runs without
+    an ``environment.json``."""
+    recorded = {run: entries for run, entries in by_run.items() if entries}
+    return {"runs": len(by_run), "recorded": len(recorded),
+            "missing": [run for run, entries in by_run.items() if not entries],
+            "common": environment.common([e for entries in recorded.values() for e in entries]),
+            "differences": environment.differences(recorded)}
+
+
+def _value_text(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "—" if value is None else str(value)
+
+
+def environment_text(summary: dict, max_runs: int = 4) -> str:
+    """The environment in a few lines of Markdown: shown once, then what differs between runs."""
+    if not summary["recorded"]:
+        return ("**Environment:** not recorded (no run of this study has an environment.json; runs made "
+                "before fingerprints were recorded).")
+    common, differences = summary["common"], summary["differences"]
+    packages = sum(1 for k in common if k.startswith("packages."))
+    parts = [f"{label} {_value_text(common[key])}" for key, label in SUMMARY_FIELDS if key in common]
+    differing_packages = sum(1 for k in differences if k.startswith("packages."))
+    text = (f"**Environment** (recorded by {summary['recorded']} of {summary['runs']} runs): "
+            + "; ".join(parts)
+            + f"; {packages} installed distributions agree in every run (the list: report/environment.json).")
+    if summary["missing"]:
+        missing = summary["missing"]
+        text += (f" {len(missing)} run(s) have no environment.json: " + ", ".join(missing[:max_runs])
+                 + (" …" if len(missing) > max_runs else "") + ".")
+    if not differences:
+        return text + " All recorded runs ran in this same environment."
+    lines = [text, "", f"**Runs differ** in {len(differences)} field(s)"
+             + (f" ({differing_packages} of them package versions)" if differing_packages else "") + ":"]
+    for name, values in differences.items():
+        listing = "; ".join(f"{value}: {len(runs)} run(s) ({', '.join(runs[:max_runs])}"
+                            f"{' …' if len(runs) > max_runs else ''})" for value, runs in values.items())
+        lines.append(f"- `{name}`: {listing}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # The page
 # ------------------------------------------------------------------------------------------------
 CSS = """
@@ -567,9 +644,27 @@ def _study_name(study_dir: Path, config_text: str | None) -> str:
     return study_dir.resolve().name
 
 
+def _environment_html(summary: dict) -> str:
+    parts = []
+    for paragraph in environment_text(summary).split("\n\n"):
+        lines = paragraph.splitlines()
+        items = [line[2:] for line in lines if line.startswith("- ")]
+        head = " ".join(line for line in lines if not line.startswith("- "))
+        parts.append(f"<p>{html.escape(head.replace('**', ''))}</p>")
+        if items:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(i.replace('`', ''))}</li>" for i in items)
+                         + "</ul>")
+    common = [{"field": k, "value": _value_text(v)} for k, v in summary["common"].items()]
+    if common:
+        parts.append(f"<details><summary>Every field all recorded runs agree on ({len(common)})</summary>"
+                     f"{html_table(common)}</details>")
+    return "\n".join(parts)
+
+
 def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: Sequence[dict],
                 headline_note: str, figures: dict[str, str | None], selection: Sequence[dict],
-                poisoned: Sequence[dict], runs: Sequence[dict], config_text: str | None) -> str:
+                poisoned: Sequence[dict], runs: Sequence[dict], config_text: str | None,
+                finding: str = "", environment_summary: dict | None = None) -> str:
     n_runs = len({(r["stage"], *select.run_key(r)) for r in data.rows})
     objectives = ", ".join(objective_label(o) for o in data.objectives) or "none"
     methods = ", ".join(method_label(m) for m in data.methods) or "none"
@@ -584,6 +679,9 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
     parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>" if notes
                  else "<p>Every run has results for every epoch the study's longest runs reached.</p>")
     parts += ["<h2>Headline</h2>", html_table(headline), f"<p class=\"how\">{html.escape(headline_note)}</p>"]
+    parts += [f"<p><strong>{html.escape(p)}</strong></p>" for p in finding.split("\n\n") if p]
+    if environment_summary is not None:
+        parts += ["<h2>Environment</h2>", _environment_html(environment_summary)]
     parts.append("<h2>Figures</h2>")
     for key, (title, _, how) in FIGURES.items():
         parts.append(f"<h3>{html.escape(title)}</h3>")
@@ -598,9 +696,9 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
     parts += ["<h2>Selection rules</h2>",
               "<p class=\"how\">Oracle rules (best acc at ASR ≤ τ for each τ, minimum ASR) choose by "
               "looking at ASR, as the paper does; realistic rules choose by accuracy alone and report the "
-              "ASR of what they chose. Mean ± std over the seeds where the rule found a point; lr and "
-              "epoch are listed per seed.</p>",
-              html_table(selection), "<h2>Poisoned models</h2>", html_table(poisoned),
+              "ASR of what they chose. Mean ± half-width of the Student-t interval over the seeds where the "
+              "rule found a point; lr and epoch are listed per seed.</p>",
+              html_table(selection), "<h2>Poisoned (and clean) models</h2>", html_table(poisoned),
               "<h2>Runs</h2>", f"<details><summary>Final metrics of {len(runs)} runs</summary>",
               html_table(runs), "</details>", "<h2>Study configuration</h2>"]
     parts.append(f"<pre>{html.escape(config_text)}</pre>" if config_text is not None
@@ -612,26 +710,58 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
+def study_confidence(study_dir: Path) -> float:
+    """The study's ``confidence`` key from its study.yaml, else the default (0.95)."""
+    try:
+        config = yaml.safe_load((study_dir / "study.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return DEFAULT_CONFIDENCE
+    value = config.get("confidence") if isinstance(config, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        return DEFAULT_CONFIDENCE
+    return float(value)
+
+
+def headline_text(study_dir: str | Path, *, tau: float = HEADLINE_TAU, confidence: float | None = None,
+                  rows: Sequence[dict] | None = None) -> str:
+    """What ``study run`` prints and ``report/headline.md`` holds: the headline table, its note, the
+    sentences on the paper's finding and the environment."""
+    study_dir = Path(study_dir)
+    rows = select.read_results(study_dir / "results.csv") if rows is None else rows
+    confidence = study_confidence(study_dir) if confidence is None else confidence
+    summary = environment_summary(study_environments(study_dir, rows))
+    return select.headline_table(rows, tau, confidence=confidence) + "\n" + environment_text(summary) + "\n"
+
+
 def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
-                 taus: Sequence[float] = DEFAULT_TAUS) -> Path:
-    """Write tables, figures and index.html into ``<study_dir>/report/``; return index.html's path."""
+                 taus: Sequence[float] = DEFAULT_TAUS, confidence: float | None = None) -> Path:
+    """Write tables, figures and index.html into ``<study_dir>/report/``; return index.html's path.
+    ``confidence`` (of every interval and test): default the study.yaml's, else 0.95."""
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         raise UserError(f"{study_dir}: study directory not found")
     rows = select.read_results(study_dir / "results.csv")
+    confidence = study_confidence(study_dir) if confidence is None else confidence
     taus = tuple(sorted({*taus, tau}))
     data = StudyData(rows, tau, taus)
     out = study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    table = select.aggregate_per_seed(data.per_seed)
-    poisoned = select.poisoned_table(rows)
+    table = select.aggregate_per_seed(data.per_seed, confidence)
+    poisoned = select.poisoned_table(rows, confidence)
+    baselines = select.baseline_table(rows, confidence)
     runs = final_metrics(rows)
-    headline_md = select.headline_table(rows, tau)
-    atomic_write_text(out / "headline.md", "# Headline\n\n" + headline_md)
+    summary = environment_summary(study_environments(study_dir, rows))
+    write_json(out / "environment.json", summary)
+    atomic_write_text(out / "headline.md", "# Headline\n\n" + headline_text(study_dir, tau=tau,
+                                                                           confidence=confidence, rows=rows))
     write_csv(out / "selection.csv", table)
     write_csv(out / "selection_per_seed.csv", data.per_seed)
     write_csv(out / "poisoned.csv", poisoned)
+    if baselines:
+        write_csv(out / "clean_models.csv", baselines)
+    else:
+        (out / "clean_models.csv").unlink(missing_ok=True)
     write_csv(out / "runs.csv", runs)
     atomic_write_text(out / "selection.md",
                       "# Selection rules\n\n" + select.markdown_table(selection_display(table)))
@@ -652,11 +782,17 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
 
     config_path = study_dir / "study.yaml"
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+    from clip_backdoor.study.finding import finding_text
+
     page = render_html(name=_study_name(study_dir, config_text), data=data,
-                       notes=study_notes(data, config_path), headline=select.headline_rows(rows, tau),
-                       headline_note=select.headline_note(rows, tau), figures=skipped,
-                       selection=selection_display(table), poisoned=poisoned_display(poisoned),
-                       runs=runs_display(runs), config_text=config_text)
+                       notes=study_notes(data, config_path),
+                       headline=select.headline_rows(rows, tau, confidence=confidence),
+                       headline_note=select.headline_note(rows, tau, confidence), figures=skipped,
+                       selection=selection_display(table),
+                       poisoned=poisoned_display(poisoned) + poisoned_display(baselines, "clean, no poisons"),
+                       runs=runs_display(runs), config_text=config_text,
+                       finding=finding_text(rows, confidence=confidence, tau=tau),
+                       environment_summary=summary)
     index = out / "index.html"
     atomic_write_text(index, page)
     log.info("report: %s", index)

@@ -31,8 +31,9 @@ from typing import Any
 
 from clip_backdoor.config import to_dict
 from clip_backdoor.errors import UserError
-from clip_backdoor.fileio import atomic_write_text, read_jsonl
+from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps
 from clip_backdoor.study.prune import PRUNED
+from clip_backdoor.study.select import COLUMNS, interval_cells
 from clip_backdoor.study.spec import (
     MANIFEST,
     DataStage,
@@ -48,12 +49,11 @@ from clip_backdoor.study.worker import FINISHED
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "epoch", "step", "acc1", "acc5", "asr1",
-                  "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run", "pruned")
+RESULT_COLUMNS = COLUMNS  # one schema, defined beside the code that reads it
 METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):RESULT_COLUMNS.index("run")]
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
-VOLATILE_KEYS = ("threads", "device", "resume", "data.workers", "eval.workers", "eval.batch_size",
-                 "save_every_steps", "stop_epoch")
+VOLATILE_KEYS = ("threads", "device", "resume", "allow_epochs_change", "data.workers", "eval.workers",
+                 "eval.batch_size", "save_every_steps", "stop_epoch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +258,10 @@ def results_rows(plan: StudyPlan) -> list[dict[str, str]]:
             else ""
         for metrics in read_jsonl(path):
             row = {"seed": str(run.seed), "stage": run.stage, "pretrain": run.pretrain,
-                   "method": run.method or "", "lr": _cell(run.lr), "k": _cell(run.k)}
+                   "method": run.method or "", "lr": _cell(run.lr), "k": _cell(run.k),
+                   "start_epoch": _cell(run.start_epoch)}
             row.update({key: _cell(metrics.get(key)) for key in METRIC_COLUMNS})
+            row.update({key: _cell(v) for key, v in interval_cells(metrics, plan.spec.confidence).items()})
             row["run"] = run.name
             row["pruned"] = pruned_at
             rows.append(row)
@@ -279,16 +281,15 @@ def write_results(plan: StudyPlan) -> tuple[Path, list[dict[str, str]]]:
 
 def report(plan: StudyPlan) -> Path:
     """results.csv, then the report; prints the headline table. Returns the report's index.html."""
-    from clip_backdoor.study.report import write_report
-    from clip_backdoor.study.select import headline_table
+    from clip_backdoor.study.report import headline_text, write_report
 
     path, rows = write_results(plan)
     log.info("%s: %d rows from %d runs", path, len(rows), len({r["run"] for r in rows}))
     if not rows:
         log.warning("no finished epochs yet: nothing to report")
         return path
-    index = write_report(plan.root, taus=tuple(plan.spec.thresholds))
-    print(headline_table(rows))
+    index = write_report(plan.root, taus=tuple(plan.spec.thresholds), confidence=plan.spec.confidence)
+    print(headline_text(plan.root, confidence=plan.spec.confidence))
     return index
 
 
@@ -306,7 +307,8 @@ def run_study(spec: StudySpec, root: Path, *, only: str | None = None, dry_run: 
     from clip_backdoor.train.preempt import REQUEUE_EXIT_CODE
 
     plan = expand(spec, root)
-    runs = [r for r in plan.runs if only is None or r.stage == only]
+    runs = [r for r in plan.runs  # --only pretrain includes the clean baselines (pre-training runs too)
+            if only is None or r.stage == only or (only, r.stage) == ("pretrain", "baseline")]
     markers = {r.name: finished_marker(r) for r in plan.runs}
     finished = {name for name, marker in markers.items() if marker}
     todo = [r for r in runs if r.name not in finished]
@@ -338,6 +340,7 @@ def run_study(spec: StudySpec, root: Path, *, only: str | None = None, dry_run: 
                                        spec.cleaning.keep_checkpoints, len(runs) - len(todo)))
             return 0
         check_inputs(spec)
+        remove_stale_temps(plan.root, plan.root / "data", plan.root / "report")  # a killed study's leftovers
         _save_resolved(plan)
         make_poison(plan)
         skipped = [r for r in runs if r.name in finished]
@@ -379,7 +382,7 @@ def describe_submissions(first: list[Run], executor: Any, keep_clean: bool, n_fi
     run's cleaning runs, submitted together once it has finished)."""
     lines = [f"# study run --dry-run ({executor.name}): nothing is submitted or written; "
              f"{n_finished} finished run(s) skipped"]
-    pre = [(r, True) for r in first if r.stage == "pretrain"]
+    pre = [(r, True) for r in first if r.stage != "clean"]
     if pre:
         lines += ["", "## pre-training", executor.describe(pre)]
     by_parent: dict[str, list[tuple[Run, bool]]] = {}
@@ -611,9 +614,5 @@ def main(argv: list[str]) -> int:
     if args.action == "list":
         print(list_runs(expand(spec, root)))
         return 0
-    try:
-        return run_study(spec, root, only=args.only, dry_run=args.dry_run, prune=not args.no_prune)
-    except KeyboardInterrupt:
-        log.error("interrupted: run the same command again to go on (finished runs are kept; an "
-                  "interrupted run resumes from its last epoch)")
-        return 130
+    # Ctrl-C: cli.main says how to go on, exit 130
+    return run_study(spec, root, only=args.only, dry_run=args.dry_run, prune=not args.no_prune)

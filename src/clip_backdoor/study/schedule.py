@@ -199,7 +199,7 @@ class Scheduler:
         self.todo_runs = {r.name: r for r in todo}
         if self.prune is None:
             return list(todo)
-        runs = [r for r in todo if r.stage == "pretrain"]
+        runs = [r for r in todo if r.stage != "clean"]  # pre-training runs (clean baselines too)
         for key in dict.fromkeys(group_of(r) for r in todo if r.stage == "clean"):
             runs += self._advance(key, write)
         return runs

@@ -11,14 +11,26 @@ Rules (each picks one point per group):
 - ``asr<=T%``  (oracle, the paper's): highest acc1 among points with asr1 ≤ T; "none" if no point
   qualifies. Ties: lower asr1, then earlier epoch, then smaller lr.
 - ``min-asr``  (oracle): lowest asr1 reached. Ties: higher acc1, earlier epoch, smaller lr.
+- ``min-asr@acc>=90%`` (oracle, threshold-free): lowest asr1 among points that keep ≥ 90% of the
+  poisoned model's acc1; "none" if no point keeps that much. Ties as ``min-asr``.
 - ``last-epoch`` (realistic): every lr's last evaluated epoch; the lr whose last epoch has the
   highest acc1. Ties: smaller lr.
 - ``best-acc`` (realistic): the point with the highest acc1 anywhere. Ties: earlier epoch, smaller lr.
 
 The realistic rules choose by accuracy alone and then report the ASR of what they chose, so the
 gap to the oracle shows what a defender without a trigger oracle would actually get.
-Aggregation over seeds is mean ± sample standard deviation (none for one seed) over the seeds
-where the rule found a point; the count of such seeds is reported next to it.
+
+Held-out selection: when the results carry a validation split (``val_acc1``, ``val_asr1``), every
+rule is applied twice, ``selected_on = "test"`` (the oracle: it chooses on the numbers it reports)
+and ``selected_on = "validation"`` (it chooses (lr, epoch) on the validation split's numbers, and
+reports that checkpoint's test numbers). The oracle's *optimism* is, per seed, how much better the
+oracle's pick looks than the validation-selected one: test acc1 (oracle − validation) for rules that
+maximise accuracy, test asr1 (validation − oracle) for rules that minimise ASR.
+
+Aggregation over seeds: the mean and the half-width of its Student-t interval at the study's
+confidence level (``*_ci``; t quantile with n − 1 degrees of freedom; none for one seed), plus the
+sample standard deviation (``*_std``), over the seeds where the rule found a point; the count of
+such seeds is reported next to it.
 """
 
 from __future__ import annotations
@@ -32,17 +44,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clip_backdoor.errors import UserError
+from clip_backdoor.study.stats import mean_interval, wilson
 
-COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "epoch", "step", "acc1", "acc5", "asr1",
-           "asr5", "ra1", "n", "n_asr", "loss", "loss_mmcl", "loss_ssl", "run", "pruned")
+# results.csv, one row per evaluated (run, epoch). start_epoch: the pre-training epoch a cleaning run
+# starts from; init: "transformed" on the epoch-0 row of a method that changes the weights before its
+# first step (shrink-perturb), so that row is not the poisoned model.
+# stage: pretrain | baseline (pre-trained without poisons) | clean. val_*: the validation split's
+# metrics (held-out selection). *_lo / *_hi: the Wilson interval of that proportion at the study's
+# confidence level, from the metric and its count (n for accuracy, n_asr for ASR).
+VAL_COLUMNS = ("val_acc1", "val_acc5", "val_asr1", "val_asr5", "val_ra1", "val_n", "val_n_asr")
+INTERVALS = (("acc1", "n"), ("asr1", "n_asr"), ("val_acc1", "val_n"), ("val_asr1", "val_n_asr"))
+INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m, _ in INTERVALS for end in ("lo", "hi"))
+COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "start_epoch", "epoch", "step", "init", "acc1",
+           "acc5", "asr1", "asr5", "ra1", "n", "n_asr", *VAL_COLUMNS, *INTERVAL_COLUMNS,
+           "loss", "loss_mmcl", "loss_ssl", "run", "pruned")
 # pruned: the epoch at which successive halving stopped the run (cleaning.prune), empty otherwise
-INT_COLUMNS = frozenset({"seed", "k", "epoch", "step", "n", "n_asr", "pruned"})
-FLOAT_COLUMNS = frozenset({"lr", "acc1", "acc5", "asr1", "asr5", "ra1", "loss", "loss_mmcl", "loss_ssl"})
-REQUIRED_COLUMNS = ("stage", "pretrain", "epoch")
+INT_COLUMNS = frozenset({"seed", "k", "start_epoch", "epoch", "step", "n", "n_asr", "val_n", "val_n_asr",
+                         "pruned"})
 METRICS = ("acc1", "acc5", "asr1", "asr5", "ra1")
+VAL_METRICS = tuple(f"val_{m}" for m in METRICS)
+FLOAT_COLUMNS = frozenset({"lr", *METRICS, *VAL_METRICS, *INTERVAL_COLUMNS, "loss", "loss_mmcl", "loss_ssl"})
+REQUIRED_COLUMNS = ("stage", "pretrain", "epoch")
+FRACTIONS = (*METRICS, *VAL_METRICS, *INTERVAL_COLUMNS)  # checked to lie in [0, 1]
 
 DEFAULT_TAUS = (0.01, 0.05, 0.10)
 HEADLINE_TAU = 0.05
+DEFAULT_CONFIDENCE = 0.95
+KEEP_ACCURACY = 0.90  # the threshold-free summary: checkpoints that keep this share of the poisoned acc1
+KEEP_RULE = f"min-asr@acc>={KEEP_ACCURACY * 100:g}%"
 # ASR is a ratio of counts (e.g. 5/100); the slack keeps "exactly τ" inside the band despite rounding.
 _TAU_SLACK = 1e-9
 # Poisoned models whose ASRs differ by this much (absolute) learned backdoors of unequal strength:
@@ -105,7 +134,7 @@ def _typed_row(raw: dict[str, str | None], path: Path, line: int) -> dict:
             row[column] = _parse_float(value, path, line, column)
         else:
             row[column] = value
-    for metric in METRICS:
+    for metric in FRACTIONS:
         value = row[metric]
         if value is not None and math.isfinite(value) and not 0.0 <= value <= 1.0:
             raise UserError(f"{path}: line {line}, column {metric!r}: {value:g} is not a fraction in [0, 1] "
@@ -167,7 +196,7 @@ def format_lr(lr: float | None) -> str:
 
 
 def rule_names(taus: Sequence[float] = DEFAULT_TAUS) -> list[str]:
-    return [tau_rule(t) for t in taus] + ["min-asr", "last-epoch", "best-acc"]
+    return [tau_rule(t) for t in taus] + ["min-asr", KEEP_RULE, "last-epoch", "best-acc"]
 
 
 def tau_rule(tau: float) -> str:
@@ -177,12 +206,39 @@ def tau_rule(tau: float) -> str:
 def rule_label(rule: str) -> str:
     if rule.startswith("asr<="):
         return f"best acc at ASR ≤ {rule[5:]}"
-    return {"min-asr": "minimum ASR", "last-epoch": "last epoch, best lr by acc",
-            "best-acc": "best acc anywhere"}[rule]
+    return {"min-asr": "minimum ASR", KEEP_RULE: f"minimum ASR keeping ≥ {KEEP_ACCURACY * 100:g}% of the acc",
+            "last-epoch": "last epoch, best lr by acc", "best-acc": "best acc anywhere"}[rule]
 
 
 def rule_peeks_at_asr(rule: str) -> bool:
-    return rule.startswith("asr<=") or rule == "min-asr"
+    return rule.startswith("asr<=") or rule in ("min-asr", KEEP_RULE)
+
+
+def rule_minimises_asr(rule: str) -> bool:
+    """The rules whose reported number is an ASR (the others report an accuracy)."""
+    return rule in ("min-asr", KEEP_RULE)
+
+
+def interval_cells(metrics: dict, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, float]:
+    """The Wilson interval of every proportion of an evaluation that has its count: ``acc1_lo``,
+    ``acc1_hi`` from ``acc1`` and ``n``; ``asr1_*`` from ``n_asr``; the same for ``val_``."""
+    out: dict[str, float] = {}
+    for metric, count in INTERVALS:
+        value, n = finite(_number_or_none(metrics.get(metric))), _number_or_none(metrics.get(count))
+        if value is None or n is None or n <= 0:
+            continue
+        lo, hi = wilson(round(value * n), int(n), confidence)
+        out[f"{metric}_lo"], out[f"{metric}_hi"] = lo, hi
+    return out
+
+
+def _number_or_none(value) -> float | None:
+    if value is None or isinstance(value, bool) or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +252,8 @@ class Point:
     epoch: int
     acc1: float
     asr1: float | None
+    val_acc1: float | None = None
+    val_asr1: float | None = None
 
 
 def finite(x: float | None) -> float | None:
@@ -225,26 +283,56 @@ def sort_group_keys(keys: Iterable[tuple]) -> list[tuple]:
 def poisoned_models(rows: Sequence[dict]) -> dict[tuple, dict]:
     """(seed, pretrain) -> the poisoned model's metrics and where they came from.
 
-    The epoch-0 row of a cleaning run is the poisoned checkpoint evaluated exactly as the cleaned
-    ones are; without any, the pre-training run's last evaluated epoch stands in.
+    The baseline is always the *unmodified* poisoned checkpoint the cleaning runs start from:
+    1. the pre-training run's evaluation at that epoch (``start_epoch`` of its cleaning rows; without
+       cleaning rows, or without the column, its last evaluated epoch);
+    2. else an epoch-0 row of a cleaning run that did not change the weights before its first step
+       (never ``init: transformed``: shrink-perturb's epoch 0 is the shrunk model).
     """
     rows = typed_rows(rows)
-    found: dict[tuple, dict] = {}
-    epoch0 = sorted((r for r in clean_rows(rows) if r["epoch"] == 0 and finite(r.get("acc1")) is not None),
+    start: dict[tuple, int] = {}
+    for r in clean_rows(rows):
+        if r.get("start_epoch") is not None:
+            start.setdefault((r["seed"], r["pretrain"]), r["start_epoch"])
+    pretrain: dict[tuple, dict] = {}
+    for r in rows:
+        if r["stage"] != "pretrain" or finite(r.get("acc1")) is None:
+            continue
+        key = (r["seed"], r["pretrain"])
+        wanted = start.get(key)
+        if wanted is not None:
+            if r["epoch"] == wanted:
+                pretrain[key] = r
+        elif key not in pretrain or r["epoch"] > pretrain[key]["epoch"]:
+            pretrain[key] = r
+    found = {key: {**{m: r.get(m) for m in (*METRICS, *VAL_METRICS)}, "epoch": r["epoch"],
+                   "source": f"pretrain epoch {r['epoch']}"} for key, r in pretrain.items()}
+    epoch0 = sorted((r for r in clean_rows(rows) if r["epoch"] == 0 and r.get("init") != "transformed"
+                     and finite(r.get("acc1")) is not None),
                     key=lambda r: (str(r.get("run") or ""), method_key(r.get("method") or ""),
                                    r.get("k") or 0, r.get("lr") or 0.0))
     for r in epoch0:
-        found.setdefault((r["seed"], r["pretrain"]), {**{m: r.get(m) for m in METRICS},
-                                                      "source": "clean epoch 0"})
-    last_pretrain: dict[tuple, dict] = {}
-    for r in rows:
-        if r["stage"] == "pretrain" and finite(r.get("acc1")) is not None:
-            key = (r["seed"], r["pretrain"])
-            if key not in last_pretrain or r["epoch"] > last_pretrain[key]["epoch"]:
-                last_pretrain[key] = r
-    for key, r in last_pretrain.items():
-        found.setdefault(key, {**{m: r.get(m) for m in METRICS}, "source": f"pretrain epoch {r['epoch']}"})
+        found.setdefault((r["seed"], r["pretrain"]), {**{m: r.get(m) for m in (*METRICS, *VAL_METRICS)},
+                                                      "epoch": None, "source": "clean epoch 0"})
     return found
+
+
+def clean_baselines(rows: Sequence[dict]) -> dict[tuple, dict]:
+    """(seed, pretrain) -> the clean baseline's metrics (``stage: baseline``, pre-trained without
+    poisons): its evaluation at the epoch the poisoned model is measured at, else its last epoch."""
+    rows = typed_rows(rows)
+    poisoned = poisoned_models(rows)
+    chosen: dict[tuple, dict] = {}
+    for r in rows:
+        if r["stage"] != "baseline" or finite(r.get("acc1")) is None:
+            continue
+        key = (r["seed"], r["pretrain"])
+        wanted = (poisoned.get(key) or {}).get("epoch")
+        old = chosen.get(key)
+        if old is None or (old["epoch"] != wanted and (r["epoch"] == wanted or r["epoch"] > old["epoch"])):
+            chosen[key] = r
+    return {key: {**{m: r.get(m) for m in (*METRICS, *VAL_METRICS)}, "epoch": r["epoch"],
+                  "source": f"baseline epoch {r['epoch']}"} for key, r in chosen.items()}
 
 
 def pruned_runs(rows: Sequence[dict]) -> dict[tuple, set]:
@@ -267,7 +355,8 @@ def cleaning_points(rows: Sequence[dict]) -> dict[tuple, list[Point]]:
         groups[key]  # noqa: B018 - register the group even if it has no cleaned point yet
         acc = finite(r.get("acc1"))
         if r["epoch"] >= 1 and acc is not None:
-            groups[key].append(Point(r.get("lr"), r["epoch"], acc, finite(r.get("asr1"))))
+            groups[key].append(Point(r.get("lr"), r["epoch"], acc, finite(r.get("asr1")),
+                                     finite(r.get("val_acc1")), finite(r.get("val_asr1"))))
     return dict(groups)
 
 
@@ -299,6 +388,22 @@ def min_asr(points: Sequence[Point]) -> tuple[Point | None, str]:
     return min(measured, key=lambda p: (p.asr1, -p.acc1, p.epoch, _lr(p))), "ok"
 
 
+def min_asr_keeping(points: Sequence[Point], poisoned_acc: float | None,
+                    keep: float = KEEP_ACCURACY) -> tuple[Point | None, str]:
+    """The lowest-ASR point among those with acc1 ≥ keep × the poisoned model's acc1."""
+    measured = [p for p in points if p.asr1 is not None]
+    if not points:
+        return None, "no-points"
+    if not measured:
+        return None, "no-asr"
+    if poisoned_acc is None:
+        return None, "no-baseline"
+    kept = [p for p in measured if p.acc1 >= keep * poisoned_acc - _TAU_SLACK]
+    if not kept:
+        return None, "none"
+    return min(kept, key=lambda p: (p.asr1, -p.acc1, p.epoch, _lr(p))), "ok"
+
+
 def last_epoch_best_lr(points: Sequence[Point]) -> tuple[Point | None, str]:
     last: dict[float | None, Point] = {}
     for p in points:
@@ -315,10 +420,29 @@ def best_acc_anywhere(points: Sequence[Point]) -> tuple[Point | None, str]:
     return min(points, key=lambda p: (-p.acc1, p.epoch, _lr(p))), "ok"
 
 
-def apply_rule(rule: str, points: Sequence[Point]) -> tuple[Point | None, str]:
+def apply_rule(rule: str, points: Sequence[Point],
+               poisoned_acc: float | None = None) -> tuple[Point | None, str]:
+    """The point ``rule`` chooses among ``points`` (by their acc1 / asr1), and a status."""
     if rule.startswith("asr<="):
         return best_at_asr(points, float(rule[5:].rstrip("%")) / 100)
+    if rule == KEEP_RULE:
+        return min_asr_keeping(points, poisoned_acc)
     return {"min-asr": min_asr, "last-epoch": last_epoch_best_lr, "best-acc": best_acc_anywhere}[rule](points)
+
+
+def apply_rule_on_validation(rule: str, points: Sequence[Point],
+                             poisoned_val_acc: float | None = None) -> tuple[Point | None, str]:
+    """The point ``rule`` chooses by the validation split's numbers (the returned point still carries
+    its test numbers, which are what is reported). Points without validation numbers are left out."""
+    views = [(Point(p.lr, p.epoch, p.val_acc1, p.val_asr1), p) for p in points if p.val_acc1 is not None]
+    chosen, status = apply_rule(rule, [view for view, _ in views], poisoned_val_acc)
+    if status == "no-points" and points:
+        status = "no-validation"
+    return next((p for view, p in views if view is chosen), None), status
+
+
+def has_validation(rows: Sequence[dict]) -> bool:
+    return any(finite(r.get("val_acc1")) is not None for r in rows if r["stage"] == "clean")
 
 
 def relative_change(acc: float | None, acc0: float | None) -> float | None:
@@ -331,15 +455,23 @@ def relative_change(acc: float | None, acc0: float | None) -> float | None:
 # ------------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------------
+SELECTIONS = ("test", "validation")  # oracle; validation-selected, test-reported
+
+
 def select_per_seed(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS) -> list[dict]:
-    """One row per (seed, pretrain, method, k, rule): the chosen point, or a status saying why none.
+    """One row per (seed, pretrain, method, k, rule, selected_on): the chosen point, or a status
+    saying why none. ``selected_on = "validation"`` rows exist only when the results have a
+    validation split; their acc1 / asr1 are the chosen checkpoint's *test* numbers (``val_acc1`` /
+    ``val_asr1``: what it was chosen on).
 
     status: ok | none (ASR measured, no point qualifies) | not-explored (none among the points
     trained, and some runs of the group were pruned before their last epoch) | no-asr (no point has
-    an ASR) | no-points (no cleaned epoch evaluated yet).
+    an ASR) | no-points (no cleaned epoch evaluated yet) | no-baseline (the rule needs the poisoned
+    model's accuracy, which is missing) | no-validation (no point has validation numbers).
     """
     rows = typed_rows(rows)
     poisoned = poisoned_models(rows)
+    selections = SELECTIONS if has_validation(rows) else SELECTIONS[:1]
     out = []
     groups = cleaning_points(rows)
     pruned = pruned_runs(rows)
@@ -348,18 +480,24 @@ def select_per_seed(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS) 
         points = groups[key]
         base = poisoned.get((seed, pretrain), {})
         for rule in rule_names(taus):
-            point, status = apply_rule(rule, points)
-            if status == "none" and pruned.get(key):
-                status = "not-explored"
-            out.append({
-                "seed": seed, "pretrain": pretrain, "method": method, "k": k, "rule": rule,
-                "peeks_at_asr": rule_peeks_at_asr(rule), "status": status,
-                "acc1": point.acc1 if point else None, "asr1": point.asr1 if point else None,
-                "rel_change": relative_change(point.acc1 if point else None, base.get("acc1")),
-                "lr": point.lr if point else None, "epoch": point.epoch if point else None,
-                "n_points": len(points), "n_pruned": len(pruned.get(key, ())),
-                "poisoned_acc1": base.get("acc1"), "poisoned_asr1": base.get("asr1"),
-            })
+            for selected_on in selections:
+                if selected_on == "test":
+                    point, status = apply_rule(rule, points, base.get("acc1"))
+                else:
+                    point, status = apply_rule_on_validation(rule, points, base.get("val_acc1"))
+                if status == "none" and pruned.get(key):  # cleaning.prune stopped some of its runs
+                    status = "not-explored"
+                out.append({
+                    "seed": seed, "pretrain": pretrain, "method": method, "k": k, "rule": rule,
+                    "selected_on": selected_on, "peeks_at_asr": rule_peeks_at_asr(rule), "status": status,
+                    "acc1": point.acc1 if point else None, "asr1": point.asr1 if point else None,
+                    "val_acc1": point.val_acc1 if point else None,
+                    "val_asr1": point.val_asr1 if point else None,
+                    "rel_change": relative_change(point.acc1 if point else None, base.get("acc1")),
+                    "lr": point.lr if point else None, "epoch": point.epoch if point else None,
+                    "n_points": len(points), "n_pruned": len(pruned.get(key, ())),
+                    "poisoned_acc1": base.get("acc1"), "poisoned_asr1": base.get("asr1"),
+                })
     return out
 
 
@@ -371,30 +509,56 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else None)
 
 
-def selection_table(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS) -> list[dict]:
-    """One row per (pretrain, method, k, rule), aggregated over seeds: mean ± std of acc1, asr1
-    and relative change over the seeds where the rule found a point; ``n_found`` of ``n_seeds``."""
-    return aggregate_per_seed(select_per_seed(rows, taus))
+def _summaries(row: dict, name: str, values: Sequence[float | None], confidence: float) -> None:
+    """``name_mean``, ``name_ci`` (t-interval half-width) and ``name_std`` of the present values."""
+    row[f"{name}_mean"], row[f"{name}_ci"] = mean_interval(values, confidence)
+    row[f"{name}_std"] = mean_std(values)[1]
 
 
-def aggregate_per_seed(per_seed: Sequence[dict]) -> list[dict]:
+def selection_table(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS,
+                    confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
+    """One row per (pretrain, method, k, rule, selected_on), aggregated over seeds: mean ± t interval
+    (and std) of acc1, asr1 and relative change over the seeds where the rule found a point;
+    ``n_found`` of ``n_seeds``; on validation rows, the oracle's optimism."""
+    return aggregate_per_seed(select_per_seed(rows, taus), confidence)
+
+
+def optimism(oracle: dict, validated: dict) -> float | None:
+    """How much better the oracle's pick looks than the validation-selected one, in the rule's
+    reported metric (test acc1 for accuracy rules, test asr1 for ASR rules); None unless both chose."""
+    if oracle["status"] != "ok" or validated["status"] != "ok":
+        return None
+    if rule_minimises_asr(oracle["rule"]):
+        if oracle["asr1"] is None or validated["asr1"] is None:
+            return None
+        return validated["asr1"] - oracle["asr1"]
+    return oracle["acc1"] - validated["acc1"]
+
+
+def aggregate_per_seed(per_seed: Sequence[dict], confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     for r in per_seed:
-        by_key[(r["pretrain"], r["method"], r["k"], r["rule"])].append(r)
+        by_key[(r["pretrain"], r["method"], r["k"], r["rule"], r.get("selected_on", "test"))].append(r)
     out = []
-    for (pretrain, method, k, rule), group in by_key.items():
+    for (pretrain, method, k, rule, selected_on), group in by_key.items():
         group.sort(key=lambda r: r["seed"])
         found = [r for r in group if r["status"] == "ok"]
         statuses = {r["status"] for r in group}
-        status = "ok" if found else next(s for s in ("not-explored", "none", "no-asr", "no-points")
-                                         if s in statuses)
-        row = {"pretrain": pretrain, "method": method, "k": k, "rule": rule,
+        status = "ok" if found else next(s for s in ("not-explored", "none", "no-asr", "no-baseline",
+                                                     "no-validation", "no-points") if s in statuses)
+        row = {"pretrain": pretrain, "method": method, "k": k, "rule": rule, "selected_on": selected_on,
                "peeks_at_asr": rule_peeks_at_asr(rule), "status": status,
                "n_seeds": len(group), "n_found": len(found),
                "n_pruned": sum(r.get("n_pruned", 0) for r in group)}
         for metric in ("acc1", "asr1", "rel_change", "poisoned_acc1", "poisoned_asr1"):
             source = group if metric.startswith("poisoned") else found
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([r[metric] for r in source])
+            _summaries(row, metric, [r[metric] for r in source], confidence)
+        if selected_on == "validation":
+            oracle = {r["seed"]: r for r in by_key.get((pretrain, method, k, rule, "test"), [])}
+            gaps = [optimism(oracle[r["seed"]], r) for r in group if r["seed"] in oracle]
+            gaps = [g for g in gaps if g is not None]
+            _summaries(row, "optimism", gaps, confidence)
+            row["n_paired"] = len(gaps)
         row["lrs"] = ";".join(format_lr(r["lr"]) for r in found)
         row["epochs"] = ";".join(str(r["epoch"]) for r in found)
         row["seeds"] = ";".join(str(r["seed"]) for r in group)
@@ -402,94 +566,159 @@ def aggregate_per_seed(per_seed: Sequence[dict]) -> list[dict]:
     return out
 
 
-def poisoned_table(rows: Sequence[dict]) -> list[dict]:
-    """Per pre-training objective: the poisoned model's metrics, mean ± std over seeds."""
-    rows = typed_rows(rows)
+def _per_objective_table(models: dict[tuple, dict], confidence: float) -> list[dict]:
     per_objective: dict[str, list[dict]] = defaultdict(list)
-    for (seed, pretrain), metrics in sorted(poisoned_models(rows).items(), key=lambda kv: kv[0][0]):
+    for (seed, pretrain), metrics in sorted(models.items(), key=lambda kv: kv[0][0]):
         per_objective[pretrain].append({"seed": seed, **metrics})
     out = []
     for pretrain in sorted(per_objective, key=objective_key):
         group = per_objective[pretrain]
         row: dict = {"pretrain": pretrain, "n_seeds": len(group)}
         for metric in METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([g[metric] for g in group])
+            _summaries(row, metric, [g[metric] for g in group], confidence)
         row["source"] = ";".join(sorted({g["source"] for g in group}))
         out.append(row)
     return out
 
 
+def poisoned_table(rows: Sequence[dict], confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
+    """Per pre-training objective: the poisoned model's metrics, mean ± t interval (and std) over seeds."""
+    return _per_objective_table(poisoned_models(typed_rows(rows)), confidence)
+
+
+def baseline_table(rows: Sequence[dict], confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
+    """Per pre-training objective: the clean baseline's metrics (the floor), over seeds."""
+    return _per_objective_table(clean_baselines(typed_rows(rows)), confidence)
+
+
 # ------------------------------------------------------------------------------------------------
 # The headline
 # ------------------------------------------------------------------------------------------------
-def format_pct(mean: float | None, std: float | None, digits: int = 1) -> str:
-    """A fraction as percent, ``23.8 ± 0.4`` (no ± for one seed), ``—`` when absent."""
+def format_pct(mean: float | None, spread: float | None, digits: int = 1) -> str:
+    """A fraction as percent, ``23.8 ± 0.4`` (no ± without a spread, e.g. one seed), ``—`` when absent."""
     if mean is None:
         return "—"
     text = f"{mean * 100:.{digits}f}"
-    return f"{text} ± {std * 100:.{digits}f}" if std is not None else text
+    return f"{text} ± {spread * 100:.{digits}f}" if spread is not None else text
 
 
-def format_change(mean: float | None, std: float | None, digits: int = 1) -> str:
+def format_change(mean: float | None, spread: float | None, digits: int = 1) -> str:
     if mean is None:
         return "—"
     text = f"{mean * 100:+.{digits}f}"
-    return (f"{text} ± {std * 100:.{digits}f}" if std is not None else text) + "%"
+    return (f"{text} ± {spread * 100:.{digits}f}" if spread is not None else text) + "%"
 
 
-def _seed_note(row: dict) -> str:
-    return "" if row["n_found"] == row["n_seeds"] else f" ({row['n_found']}/{row['n_seeds']} seeds)"
+def format_points(mean: float | None, spread: float | None, digits: int = 1) -> str:
+    """A difference of two fractions in percentage points, signed: ``+2.3 ± 1.0``."""
+    if mean is None:
+        return "—"
+    text = f"{mean * 100:+.{digits}f}"
+    return f"{text} ± {spread * 100:.{digits}f}" if spread is not None else text
 
 
-_STATUS_CELLS = {"none": "none", "not-explored": "not explored", "no-asr": "no ASR", "no-points": "not yet"}
+_NO_POINT = {"none": "none", "not-explored": "not explored", "no-asr": "no ASR", "no-points": "not yet",
+             "no-baseline": "no baseline", "no-validation": "no validation"}
 
 
 def selected_cell(row: dict, digits: int = 1) -> str:
-    """The acc1 a rule chose, or why there is none."""
+    """The acc1 a rule chose (mean ± t interval over the seeds where it chose one), or why none."""
     if row["n_found"] == 0:
-        return _STATUS_CELLS[row["status"]]
-    return format_pct(row["acc1_mean"], row["acc1_std"], digits) + _seed_note(row)
+        return _NO_POINT[row["status"]]
+    return format_pct(row["acc1_mean"], row["acc1_ci"], digits)
 
 
 def min_asr_cell(row: dict, digits: int = 1) -> str:
     if row["n_found"] == 0:
-        return _STATUS_CELLS[row["status"]]
-    return format_pct(row["asr1_mean"], row["asr1_std"], digits) + _seed_note(row)
+        return _NO_POINT[row["status"]]
+    return format_pct(row["asr1_mean"], row["asr1_ci"], digits)
 
 
-def headline_rows(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int = 1) -> list[dict]:
-    """The headline as records of display strings (the Markdown and HTML tables render these)."""
+def found_cell(row: dict) -> str:
+    return f"{row['n_found']}/{row['n_seeds']}"
+
+
+def _model_cell(row: dict | None, digits: int) -> str:
+    if not row:
+        return "—"
+    acc = format_pct(row["acc1_mean"], row["acc1_ci"], digits)
+    return f"{acc} / {format_pct(row['asr1_mean'], row['asr1_ci'], digits)}"
+
+
+SELECTION_LABELS = {"test": "oracle (test)", "validation": "validation → test",
+                    "optimism": "oracle's optimism"}
+
+
+def headline_rows(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int = 1,
+                  confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
+    """The headline as records of display strings (the Markdown and HTML tables render these).
+
+    Per objective: the poisoned model (and, when the study has them, the clean baseline); per cleaning
+    method: the best acc at ASR ≤ τ, the seeds that got there, the change vs the poisoned model, the
+    minimum ASR and the threshold-free minimum ASR keeping ≥ 90% of the accuracy. With a validation
+    split, each method has three rows: the oracle, validation-selected test-reported, and the gap."""
     rows = typed_rows(rows)
-    table = selection_table(rows, taus=(tau,))
-    index = {(r["pretrain"], r["method"], r["k"], r["rule"]): r for r in table}
-    poisoned = {r["pretrain"]: r for r in poisoned_table(rows)}
+    table = selection_table(rows, taus=(tau,), confidence=confidence)
+    index = {(r["pretrain"], r["method"], r["k"], r["rule"], r["selected_on"]): r for r in table}
+    poisoned = {r["pretrain"]: r for r in poisoned_table(rows, confidence)}
+    baselines = {r["pretrain"]: r for r in baseline_table(rows, confidence)}
+    validated = any(r["selected_on"] == "validation" for r in table)
     rule = tau_rule(tau)
     pct = f"{tau * 100:g}%"
-    pretrains = sorted({r["pretrain"] for r in table} | set(poisoned), key=objective_key)
+    keep = f"{KEEP_ACCURACY * 100:g}%"
+    best_col, found_col = f"best acc at ASR ≤ {pct} (%)", f"seeds at ASR ≤ {pct}"
+    columns = ["pre-training", "poisoned acc / ASR (%)",
+               *(["clean model acc / ASR (%)"] if baselines else []),
+               "cleaning", *(["selection"] if validated else []), best_col,
+               *(["its ASR (%)"] if validated else []), found_col, "change vs poisoned", "min ASR (%)",
+               f"min ASR keeping ≥ {keep} acc (%)"]
+    pretrains = sorted({r["pretrain"] for r in table} | set(poisoned) | set(baselines), key=objective_key)
     out = []
     for pretrain in pretrains:
-        base = poisoned.get(pretrain)
-        base_cell = (f"{format_pct(base['acc1_mean'], base['acc1_std'], digits)} / "
-                     f"{format_pct(base['asr1_mean'], base['asr1_std'], digits)}") if base else "—"
+        models = {"pre-training": objective_label(pretrain),
+                  "poisoned acc / ASR (%)": _model_cell(poisoned.get(pretrain), digits)}
+        if baselines:
+            models["clean model acc / ASR (%)"] = _model_cell(baselines.get(pretrain), digits)
         methods = sorted({(r["method"], r["k"]) for r in table if r["pretrain"] == pretrain},
                          key=lambda mk: (mk[1], method_key(mk[0])))
         if not methods:
-            out.append({"pre-training": objective_label(pretrain), "poisoned acc / ASR (%)": base_cell,
-                        "cleaning": "(no cleaning runs yet)", f"best acc at ASR ≤ {pct} (%)": "",
-                        "change vs poisoned": "", "min ASR (%)": "", "seeds": ""})
-        for i, (method, k) in enumerate(methods):
-            best = index[(pretrain, method, k, rule)]
-            lowest = index[(pretrain, method, k, "min-asr")]
-            out.append({
-                "pre-training": objective_label(pretrain) if i == 0 else "",
-                "poisoned acc / ASR (%)": base_cell if i == 0 else "",
-                "cleaning": method_label(method, k),
-                f"best acc at ASR ≤ {pct} (%)": selected_cell(best, digits),
-                "change vs poisoned": format_change(best["rel_change_mean"], best["rel_change_std"], digits)
-                if best["n_found"] else "",
-                "min ASR (%)": min_asr_cell(lowest, digits),
-                "seeds": str(best["n_seeds"]),
-            })
+            out.append({c: models.get(c, "") for c in columns} | {"cleaning": "(no cleaning runs yet)"})
+        first = True
+        for method, k in methods:
+            for selected_on in (("test", "validation", "optimism") if validated else ("test",)):
+                record = dict.fromkeys(columns, "")
+                if first:
+                    record.update(models)
+                    first = False
+                if selected_on == "test":
+                    record["cleaning"] = method_label(method, k)
+                if validated:
+                    record["selection"] = SELECTION_LABELS[selected_on]
+                if selected_on == "optimism":
+                    best = index.get((pretrain, method, k, rule, "validation"))
+                    lowest = index.get((pretrain, method, k, "min-asr", "validation"))
+                    kept = index.get((pretrain, method, k, KEEP_RULE, "validation"))
+                    for column, r in ((best_col, best), ("min ASR (%)", lowest),
+                                      (f"min ASR keeping ≥ {keep} acc (%)", kept)):
+                        if r and r["n_paired"]:
+                            record[column] = format_points(r["optimism_mean"], r["optimism_ci"], digits)
+                    if best:
+                        record[found_col] = f"{best['n_paired']} paired"
+                    out.append(record)
+                    continue
+                best = index[(pretrain, method, k, rule, selected_on)]
+                lowest = index[(pretrain, method, k, "min-asr", selected_on)]
+                kept = index[(pretrain, method, k, KEEP_RULE, selected_on)]
+                record[best_col] = selected_cell(best, digits)
+                if validated:
+                    record["its ASR (%)"] = format_pct(best["asr1_mean"], best["asr1_ci"], digits) \
+                        if best["n_found"] else ""
+                record[found_col] = found_cell(best)
+                record["change vs poisoned"] = format_change(best["rel_change_mean"], best["rel_change_ci"],
+                                                             digits) if best["n_found"] else ""
+                record["min ASR (%)"] = min_asr_cell(lowest, digits)
+                record[f"min ASR keeping ≥ {keep} acc (%)"] = min_asr_cell(kept, digits)
+                out.append(record)
     return out
 
 
@@ -507,36 +736,54 @@ def _md_cell(value) -> str:
     return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def headline_table(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int = 1) -> str:
-    """Markdown: per pre-training objective, the poisoned model's acc/ASR and, per cleaning method,
-    the best accuracy at ASR ≤ τ (oracle selection over every lr × epoch ≥ 1), its relative change
-    from the poisoned model, and the minimum ASR reached — mean ± std over seeds."""
-    records = headline_rows(rows, tau, digits)
+def headline_table(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int = 1,
+                   confidence: float = DEFAULT_CONFIDENCE) -> str:
+    """Markdown: the headline table (see :func:`headline_rows`), the note saying what its numbers are,
+    and the computed sentence on the paper's finding (``study.finding``)."""
+    from clip_backdoor.study.finding import finding_text
+
+    records = headline_rows(rows, tau, digits, confidence)
     if not records:
         return "_No results yet._\n"
-    return markdown_table(records) + "\n" + headline_note(rows, tau) + "\n"
+    return (markdown_table(records) + "\n" + headline_note(rows, tau, confidence) + "\n\n"
+            + finding_text(rows, confidence=confidence, tau=tau) + "\n")
 
 
-def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> str:
-    """The sentence under the headline table saying what its numbers are."""
+def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU,
+                  confidence: float = DEFAULT_CONFIDENCE) -> str:
+    """The sentences under the headline table saying what its numbers are."""
     rows = typed_rows(rows)
     n = len({r["seed"] for r in rows})
-    note = (f"Top-1 zero-shot accuracy and attack success rate in %, mean ± std over {n} "
-            f"seed{'s' if n != 1 else ''}. Best acc: the highest accuracy among all "
-            f"(learning rate, epoch ≥ 1) cleaning checkpoints with ASR ≤ {tau * 100:g}% (the paper's "
-            f"selection, which peeks at ASR); \"none\": no checkpoint got there; (a/b seeds): it did in "
-            f"a of b seeds, and the mean is over those.")
+    level = f"{confidence * 100:g}%"
+    pct = f"{tau * 100:g}%"
+    note = (f"Top-1 zero-shot accuracy and attack success rate in %, mean ± half-width of the {level} "
+            f"Student-t confidence interval over {n} seed{'s' if n != 1 else ''} (t quantile with "
+            f"n − 1 degrees of freedom over the n seeds a cell averages; no ± for one seed). Best acc: the "
+            f"highest accuracy among all (learning rate, epoch ≥ 1) cleaning checkpoints with ASR ≤ {pct} "
+            f"(the paper's selection, which peeks at ASR); \"none\": no checkpoint got there; seeds at "
+            f"ASR ≤ {pct}: in how many seeds one did, and the cell's mean is over those. Min ASR keeping "
+            f"≥ {KEEP_ACCURACY * 100:g}% acc: the lowest ASR among checkpoints whose accuracy is at least "
+            f"{KEEP_ACCURACY * 100:g}% of the poisoned model's (threshold-free; \"none\": every checkpoint "
+            f"lost more). Per-checkpoint binomial (Wilson, {level}) intervals are in results.csv.")
+    if any(r["stage"] == "baseline" for r in rows):
+        note += (" Clean model: the same pre-training without poisons, the floor; its ASR is how often "
+                 "the trigger alone sends a clean model's non-target images to the target.")
+    if has_validation(rows):
+        note += (" Oracle (test): (lr, epoch) chosen on the numbers it reports; validation → test: chosen "
+                 "on the validation split, reported on the disjoint test split; oracle's optimism: per "
+                 "seed, oracle minus validation-selected, in percentage points (for ASR columns, "
+                 "validation-selected minus oracle), mean ± interval over the seeds where both chose.")
     runs = {r.get("run") for r in clean_rows(rows)}
     n_pruned = len({r.get("run") for r in clean_rows(rows) if r.get("pruned") is not None})
     if n_pruned:
         note += (f" Pruned (cleaning.prune): {n_pruned} of {len(runs)} cleaning runs were stopped early by "
-                 f"successive halving; \"not explored\": no trained checkpoint reached ASR ≤ {tau * 100:g}% "
-                 f"and some runs of the group were stopped before their last epoch (they might have).")
+                 f"successive halving; \"not explored\": no trained checkpoint reached ASR ≤ {pct} and "
+                 f"some runs of the group were stopped before their last epoch (they might have).")
     unlearned = unlearned_backdoors(rows, tau)
     if unlearned:
         plural = len(unlearned) > 1
         note += (f" Warning: the poisoned {' and '.join(unlearned)} model{'s' if plural else ''} already "
-                 f"ha{'ve' if plural else 's'} ASR ≤ {tau * 100:g}% (the backdoor was not learned), so "
+                 f"ha{'ve' if plural else 's'} ASR ≤ {pct} (the backdoor was not learned), so "
                  f"{'their' if plural else 'its'} rows say nothing about cleaning.")
     uneven = [] if unlearned else uneven_backdoors(rows)  # one warning about backdoor strength is enough
     if uneven:

@@ -249,7 +249,7 @@ class SlurmExecutor(Executor):
 
     # -- parameters --------------------------------------------------------------------------
     def resources(self, run: Run) -> Resources:
-        return self.settings.pretrain if run.stage == "pretrain" else self.settings.clean
+        return self.settings.clean if run.stage == "clean" else self.settings.pretrain  # baselines too
 
     def sbatch_params(self, run: Run, name: str) -> dict:
         r = self.resources(run)
@@ -271,9 +271,10 @@ class SlurmExecutor(Executor):
         return f"{self.plan.spec.name}:{first.stage}{tail}"
 
     def _groups(self, batch: list[tuple[Run, bool]]) -> list[list[tuple[Run, bool]]]:
-        """Pre-training runs alone; cleaning runs of one batch together (one job array)."""
+        """Pre-training runs (clean baselines too) alone; cleaning runs of one batch together (one job
+        array)."""
         clean = [item for item in batch if item[0].stage == "clean"]
-        return [[item] for item in batch if item[0].stage == "pretrain"] + ([clean] if clean else [])
+        return [[item] for item in batch if item[0].stage != "clean"] + ([clean] if clean else [])
 
     def _executor(self, runs: list[Run]):
         s, submitit = self.settings, self.submitit
@@ -295,6 +296,8 @@ class SlurmExecutor(Executor):
         jobs: list[Job] = []
         for group in self._groups(batch):
             runs = [run for run, _ in group]
+            r = self.resources(runs[0])
+            check_split(runs[0], r.nodes * r.tasks_per_node)
             ex = self._executor(runs)
             with ex.batch():
                 handles = [ex.submit(SubmititRun(run.name, run.cfg, keep)) for run, keep in group]
@@ -354,15 +357,24 @@ class SlurmExecutor(Executor):
                 [f"# job array of {len(runs)} cleaning runs; task i runs:"] +
                 [f"#   {i}: {run.name}{_stop(run)}" for i, run in enumerate(runs)]))
             tasks = params["nodes"] * params["ntasks_per_node"]
-            if len(runs) == 1 and runs[0].stage == "pretrain" and tasks > 1:
-                batch = runs[0].cfg.batch_size
+            if len(runs) == 1 and runs[0].stage != "clean" and tasks > 1:
+                batch = check_split(runs[0], tasks)
                 what += (f"\n# {params['nodes']} node(s) x {params['ntasks_per_node']} task(s): one process "
                          "per GPU; each task exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"
-                         f"\n# batch_size {batch} is per process: global batch {batch} x {tasks} = "
-                         f"{batch * tasks}")
+                         f"\n# batch_size {batch} is the global batch: {batch // tasks} per process")
             script = _make_sbatch_string(command=command, folder=folder, **params)
             parts.append(f"{what}\n{script}")
         return "\n".join(parts)
+
+
+def check_split(run: Run, processes: int) -> int:
+    """``batch_size`` is the global batch; each of a job's processes takes an equal share. Checked
+    before submitting, not after a job waited in the queue for its nodes."""
+    batch = run.cfg.batch_size
+    if batch % processes:
+        raise UserError(f"{run.name}: batch_size {batch} (the global batch) does not split over the job's "
+                        f"{processes} processes (nodes x tasks_per_node); choose a multiple of {processes}")
+    return batch
 
 
 def _stop(run: Run) -> str:

@@ -11,6 +11,7 @@ function of the spec, so run names and their order never change between invocati
   data/poisoned/                              manifest.csv + poison.json (poisons made on the fly)
   data/clean,k=<k>/                           cleaning sets (k poisons injected; k=0 is clean)
   pretrain/<objective>,seed=<s>/              one pre-training run per objective and seed
+  pretrain/<objective>,clean,seed=<s>/        the same without poisons (pretrain.clean_baseline: true)
   clean/<objective>,seed=<s>/<method>/lr=<lr>[,k=<k>]/   k appears only when k > 0
 ```
 
@@ -26,7 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -37,6 +38,7 @@ from clip_backdoor.config import (
     OptimConfig,
     TrainConfig,
     apply_overrides,
+    bounds_of,
     from_dict,
     to_dict,
 )
@@ -64,6 +66,8 @@ class DataSpec:
     separator: str = ","
     workers: int = 1  # dataloader worker processes per run
 
+    BOUNDS: ClassVar[dict[str, str]] = bounds_of(DataConfig, num_samples="num_samples", workers="workers")
+
 
 @dataclass
 class AttackSpec:
@@ -75,6 +79,8 @@ class AttackSpec:
     mode: str = "dirty"  # dirty | label-consistent
     synonyms: list = field(default_factory=list)  # label-consistent: other names of the target
     poison_seed: int = 0  # which rows are poisoned and their trigger draws; not a training seed
+
+    BOUNDS: ClassVar[dict[str, str]] = {"n": ">= 0", "fraction": "[0, 1]", "poison_seed": ">= 0"}
 
 
 @dataclass
@@ -98,6 +104,20 @@ class PretrainSpec:
     eval_every: int = 1  # evaluate every N epochs (and the last)
     save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (latest.pt always)
     save_every_steps: int = 0  # also write an exact mid-epoch latest.pt every N steps (0: epoch ends only)
+    # Cleaning runs start from this pre-training epoch's checkpoint (None: the last epoch). The
+    # pre-training then also saves and evaluates that epoch; its evaluation is the poisoned baseline.
+    clean_from: int | None = None
+    # Also pre-train each objective without poisons (same seed, data, schedule): the clean model's
+    # accuracy and ASR are the headline's floor. Nothing is cleaned from it.
+    clean_baseline: bool = False
+
+    # The training config's bounds for the values it becomes; an SSL weight of 0 is the mmcl objective.
+    BOUNDS: ClassVar[dict[str, str]] = {
+        **bounds_of(TrainConfig, epochs="epochs", lr="optim.lr", batch_size="batch_size",
+                    warmup_steps="optim.warmup_steps", weight_decay="optim.weight_decay",
+                    grad_clip="optim.grad_clip", eval_every="eval.every", save_every="save_every",
+                    save_every_steps="save_every_steps"),
+        "ssl_weight": "> 0", "clean_from": ">= 1"}
 
 
 @dataclass
@@ -105,7 +125,8 @@ class CleaningSpec:
     size: int = 1000  # pairs in the cleaning set
     pick: str = "tail"  # tail (the last rows) | random (seeded by `seed`)
     seed: int = 0  # the cleaning-set draw (pick: random)
-    # names, or {name, params, label, lrs, k}: lrs/k override the grid for that method only
+    # names, or {name, params, label, lrs, k, batch_size}: lrs/k/batch_size override the grid for that
+    # method only (the reference cleans MMCL-only at batch 128, the SSL methods at 64)
     methods: list = field(default_factory=lambda: ["cleanclip", "mmcl", "ssl"])
     lrs: list = field(default_factory=lambda: [1e-5])
     epochs: int = 10
@@ -119,14 +140,31 @@ class CleaningSpec:
     # constrained successive halving over each group's lrs, e.g. {eta: 3, rungs: [1, 3]} (study/prune.py)
     prune: dict | None = None
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        **bounds_of(TrainConfig, epochs="epochs", batch_size="batch_size", warmup_steps="optim.warmup_steps",
+                    weight_decay="optim.weight_decay"),
+        "size": ">= 1", "seed": ">= 0"}
+
 
 @dataclass
 class EvalSpec:
     kind: str = "synthetic"  # synthetic | imagefolder | labels_csv
     path: str | None = None
-    n: int = 1000  # synthetic: images
+    n: int = 1000  # synthetic: test images (world eval indices [0, n))
     seed: int = 0  # test-time trigger seed
     batch_size: int = 256
+    # The validation split that chooses (lr, epoch); the test split above reports. Synthetic: val_n
+    # images from index val_start (default n); file kinds: val_path (a second set of the same kind) or
+    # val_fraction of eval.path's images (a seeded per-class partition by split_seed). 0 / None: none.
+    val_n: int = 0
+    val_start: int | None = None
+    val_path: str | None = None
+    val_fraction: float | None = None
+    split_seed: int = 0
+
+    BOUNDS: ClassVar[dict[str, str]] = bounds_of(EvalConfig, n="n", seed="seed", batch_size="batch_size",
+                                                 val_n="val_n", val_start="val_start",
+                                                 val_fraction="val_fraction", split_seed="split_seed")
 
 
 @dataclass
@@ -140,6 +178,9 @@ class RunSettings:
     ray: dict = field(default_factory=dict)  # address, num_gpus, num_cpus, ... (study/ray_tasks.py)
     claim_stale_s: float = 600.0  # a run's claim without a heartbeat for this long is taken over
 
+    BOUNDS: ClassVar[dict[str, str]] = {**bounds_of(TrainConfig, threads="threads"), "jobs": ">= 1",
+                                        "claim_stale_s": "> 0"}
+
 
 @dataclass
 class StudySpec:
@@ -151,7 +192,10 @@ class StudySpec:
     cleaning: CleaningSpec = field(default_factory=CleaningSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     thresholds: list = field(default_factory=lambda: [0.01, 0.05, 0.10])  # ASR levels for selection
+    confidence: float = 0.95  # of every interval in the report, and 1 − the level of its tests
     run: RunSettings = field(default_factory=RunSettings)
+
+    BOUNDS: ClassVar[dict[str, str]] = {"confidence": "(0, 1)"}  # checked in _validate, with a hint
 
 
 @dataclass(frozen=True)
@@ -163,6 +207,7 @@ class Method:
     label: str
     lrs: tuple[float, ...]
     ks: tuple[int, ...]
+    batch_size: int | None = None  # None: cleaning.batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +256,8 @@ def parse_spec(data: dict, where: str = "study") -> StudySpec:
     for section in (spec.data, spec.eval):
         if section.path and "://" not in section.path:
             section.path = str(Path(section.path).expanduser().absolute())
+    if spec.eval.val_path and "://" not in spec.eval.val_path:
+        spec.eval.val_path = str(Path(spec.eval.val_path).expanduser().absolute())
     return spec
 
 
@@ -226,6 +273,11 @@ def _build(data: dict) -> StudySpec:
                 raise UserError(f"name: expected a string, got {value!r}")
             kwargs[key] = value
             continue
+        if key == "confidence":
+            kwargs[key] = value  # checked in _validate
+            continue
+        if key == "seeds" and not isinstance(value, list):  # `seeds: 3` is seed 3, not three seeds
+            raise UserError(f"seeds: expected a list of distinct integers such as [0, 1, 2], got {value!r}")
         default = names[key].default_factory()  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
@@ -302,6 +354,10 @@ def _validate(spec: StudySpec) -> None:
     for i, s in enumerate(spec.seeds):
         _integer(s, f"seeds[{i}]")
     _unique(spec.seeds, "seeds")
+    c = spec.confidence
+    if isinstance(c, bool) or not isinstance(c, int | float) or not 0 < c < 1:
+        raise UserError(f"confidence: {c!r} must lie strictly between 0 and 1 (e.g. 0.95 for 95% intervals)")
+    spec.confidence = float(c)
     _validate_data(spec.data, spec.eval)
     _validate_attack(spec.attack)
     _validate_pretrain(spec.pretrain)
@@ -312,9 +368,6 @@ def _validate(spec: StudySpec) -> None:
     spec.thresholds = [float(t) for t in spec.thresholds]
     _unique(spec.thresholds, "thresholds")
     r = spec.run
-    _integer(r.jobs, "run.jobs", 1)
-    if r.threads is not None:
-        _integer(r.threads, "run.threads", 1)
     for i, d in enumerate(r.devices):
         if not isinstance(d, str) or not re.fullmatch(r"cuda(:\d+)?", d):
             raise UserError(f"run.devices[{i}]: {d!r} is not a CUDA device such as cuda:0")
@@ -341,8 +394,6 @@ def _validate_executor(r: RunSettings) -> None:
         from clip_backdoor.study.ray_tasks import parse_ray
 
         parse_ray(r.ray)
-    if isinstance(r.claim_stale_s, bool) or not r.claim_stale_s > 0:
-        raise UserError(f"run.claim_stale_s: {r.claim_stale_s!r} must be a number of seconds > 0")
 
 
 def _validate_data(d: DataSpec, e: EvalSpec) -> None:
@@ -350,7 +401,6 @@ def _validate_data(d: DataSpec, e: EvalSpec) -> None:
     if d.kind != "synthetic" and not d.path:
         raise UserError(f"data.path: required for data.kind={d.kind} (the poison stage and every run "
                         "read it)")
-    _integer(d.num_samples, "data.num_samples", 1)
     if d.kind == "synthetic":
         from clip_backdoor.data.world import make_knobs
 
@@ -359,12 +409,37 @@ def _validate_data(d: DataSpec, e: EvalSpec) -> None:
             make_knobs(**{k: v for k, v in d.world.items() if k not in ("seed", "image_size")})
         except (UserError, TypeError, ValueError) as e:
             raise UserError(f"data.world: {e}") from None
-    _integer(d.workers, "data.workers")
     _choice(e.kind, EVAL_KINDS, "eval.kind")
     if e.kind != "synthetic" and not e.path:
         raise UserError(f"eval.path: required for eval.kind={e.kind} (every run's evaluation reads it)")
-    _integer(e.n, "eval.n", 1)
-    _integer(e.batch_size, "eval.batch_size", 1)
+    _validate_splits(e)
+
+
+def _validate_splits(e: EvalSpec) -> None:
+    """The validation split's keys fit the eval kind, and the two splits cannot overlap."""
+    from clip_backdoor.data.classification import check_synthetic_splits
+
+    _integer(e.val_n, "eval.val_n")
+    _integer(e.split_seed, "eval.split_seed")
+    if e.kind == "synthetic":
+        for key in ("val_path", "val_fraction"):
+            if getattr(e, key) is not None:
+                raise UserError(f"eval.{key}: applies to imagefolder / labels_csv eval sets; the synthetic "
+                                "set takes eval.val_n (and eval.val_start)")
+        if e.val_start is not None:
+            _integer(e.val_start, "eval.val_start")
+        check_synthetic_splits(e.n, e.val_n, e.val_start)
+        return
+    for key in ("val_n", "val_start"):
+        if getattr(e, key):
+            raise UserError(f"eval.{key}: applies to the synthetic eval set; for eval.kind={e.kind} give "
+                            "eval.val_path or eval.val_fraction")
+    if e.val_path is not None and e.val_fraction is not None:
+        raise UserError("eval.val_fraction: give a validation set (eval.val_path) or a fraction, not both")
+    if e.val_path is not None and e.path and "://" not in e.val_path and \
+            Path(e.val_path).expanduser().absolute() == Path(e.path).expanduser().absolute():
+        raise UserError(f"eval.val_path: {e.val_path!r} is eval.path itself; the validation and test splits "
+                        "must be disjoint (or use eval.val_fraction to partition one set)")
 
 
 def _validate_attack(a: AttackSpec) -> None:
@@ -382,10 +457,6 @@ def _validate_attack(a: AttackSpec) -> None:
     _choice(a.mode, MODES, "attack.mode")
     if (a.n is None) == (a.fraction is None):
         raise UserError("attack: give the number of poisons as exactly one of n or fraction")
-    if a.n is not None:
-        _integer(a.n, "attack.n")
-    if a.fraction is not None and not 0 <= a.fraction <= 1:
-        raise UserError(f"attack.fraction: {a.fraction!r} must lie in [0, 1]")
 
 
 def _validate_pretrain(p: PretrainSpec) -> None:
@@ -403,18 +474,12 @@ def _validate_pretrain(p: PretrainSpec) -> None:
 
 
 def _check_pretrain_settings(p: PretrainSpec, where: str) -> None:
-    _integer(p.epochs, f"{where}.epochs", 1)
-    _integer(p.batch_size, f"{where}.batch_size", 1)
-    _integer(p.warmup_steps, f"{where}.warmup_steps")
-    _integer(p.eval_every, f"{where}.eval_every")
-    _integer(p.save_every, f"{where}.save_every")
-    _integer(p.save_every_steps, f"{where}.save_every_steps")
-    if p.lr <= 0:
-        raise UserError(f"{where}.lr: {p.lr!r} must be > 0")
+    # Numbers were checked against PretrainSpec.BOUNDS when the section was read (from_dict).
+    if p.clean_from is not None and p.clean_from > p.epochs:
+        raise UserError(f"{where}.clean_from: epoch {p.clean_from} is past the pre-training's {p.epochs} "
+                        "epochs, so no such checkpoint is ever saved")
     _choice(p.precision, PRECISIONS, f"{where}.precision")
     _choice(p.eda, ("static", "dynamic"), f"{where}.eda")
-    if not _number(p.ssl_weight, f"{where}.ssl_weight") > 0:
-        raise UserError(f"{where}.ssl_weight: {p.ssl_weight!r} must be > 0 (pre-train with mmcl for none)")
     from clip_backdoor.data.augment import POLICIES
 
     _choice(p.image_policy, POLICIES, f"{where}.image_policy")
@@ -451,12 +516,7 @@ def pretrain_objectives(p: PretrainSpec) -> dict[str, PretrainSpec]:
 def _validate_cleaning(c: CleaningSpec) -> None:
     from clip_backdoor.attacks.poison import PICKS
 
-    _integer(c.size, "cleaning.size", 1)
     _choice(c.pick, PICKS, "cleaning.pick")
-    _integer(c.seed, "cleaning.seed")
-    _integer(c.epochs, "cleaning.epochs", 1)
-    _integer(c.batch_size, "cleaning.batch_size", 1)
-    _integer(c.warmup_steps, "cleaning.warmup_steps")
     if c.precision is not None:
         _choice(c.precision, PRECISIONS, "cleaning.precision")
     _choice(c.optimizer_state, ("fresh", "inherit"), "cleaning.optimizer_state")
@@ -474,8 +534,8 @@ def methods(c: CleaningSpec) -> list[Method]:
     out = []
     for i, entry in enumerate(c.methods):
         where = f"cleaning.methods[{i}]"
-        entry = _named_entry(entry, where, "a method name or {name, params, label, lrs, k}")
-        valid = ("name", "params", "label", "lrs", "k")
+        entry = _named_entry(entry, where, "a method name or {name, params, label, lrs, k, batch_size}")
+        valid = ("name", "params", "label", "lrs", "k", "batch_size")
         for key in entry:
             if key not in valid:
                 raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(valid)})")
@@ -493,7 +553,8 @@ def methods(c: CleaningSpec) -> list[Method]:
             raise UserError(f"{where}.label: {label!r} must be a word usable as a directory name")
         lrs = _lrs(entry["lrs"], f"{where}.lrs") if "lrs" in entry else tuple(c.lrs)
         ks = _ks(entry["k"], f"{where}.k", c.size) if "k" in entry else tuple(c.k)
-        out.append(Method(name, dict(recipe.params), label, lrs, ks))
+        batch = _integer(entry["batch_size"], f"{where}.batch_size", 1) if "batch_size" in entry else None
+        out.append(Method(name, dict(recipe.params), label, lrs, ks, batch))
     _unique([m.label for m in out], "cleaning.methods (labels)")
     return out
 
@@ -510,7 +571,7 @@ class Run:
     """One training run of the study; ``name`` is its directory relative to the study directory."""
 
     name: str
-    stage: str  # pretrain | clean
+    stage: str  # pretrain | baseline (pre-training without poisons) | clean
     seed: int
     pretrain: str  # the pre-training objective
     method: str | None  # the method's label (clean runs)
@@ -518,6 +579,7 @@ class Run:
     k: int | None  # poisons in the cleaning set (clean runs)
     cfg: TrainConfig
     depends_on: str | None = None  # the pre-training run a cleaning run starts from
+    start_epoch: int | None = None  # the pre-training epoch whose checkpoint a cleaning run starts from
 
 
 @dataclass(frozen=True)
@@ -562,6 +624,11 @@ def pretrain_name(objective: str, seed: int) -> str:
     return f"pretrain/{objective},seed={seed}"
 
 
+def baseline_name(objective: str, seed: int) -> str:
+    """The clean baseline sorts right before its poisoned twin: ``pretrain/mmcl,clean,seed=0``."""
+    return f"pretrain/{objective},clean,seed={seed}"
+
+
 def clean_name(objective: str, seed: int, method: str, lr: float, k: int) -> str:
     tail = f"lr={format_lr(lr)}" + (f",k={k}" if k else "")
     return f"clean/{objective},seed={seed}/{method}/{tail}"
@@ -593,6 +660,9 @@ def expand(spec: StudySpec, root: str | Path) -> StudyPlan:
         for objective in objectives:
             runs.append(Run(pretrain_name(objective, seed), "pretrain", seed, objective, None, None, None,
                             _pretrain_config(spec, root, objective, seed)))
+            if pretrain_objectives(spec.pretrain)[objective].clean_baseline:
+                runs.append(Run(baseline_name(objective, seed), "baseline", seed, objective, None, None, None,
+                                _pretrain_config(spec, root, objective, seed, poisoned=False)))
     for seed in spec.seeds:
         for objective in objectives:
             parent = pretrain_name(objective, seed)
@@ -601,7 +671,8 @@ def expand(spec: StudySpec, root: str | Path) -> StudyPlan:
                     for k in method.ks:
                         name = clean_name(objective, seed, method.label, lr, k)
                         cfg = _clean_config(spec, root, objective, method, lr, k, seed)
-                        runs.append(Run(name, "clean", seed, objective, method.label, lr, k, cfg, parent))
+                        runs.append(Run(name, "clean", seed, objective, method.label, lr, k, cfg, parent,
+                                        start_epoch(spec.pretrain, objective)))
     cleaning_sets = [DataStage(cleaning_set_name(k), k) for k in ks]
     return StudyPlan(spec, root, DataStage(POISON_DIR, None), cleaning_sets, runs)
 
@@ -617,19 +688,37 @@ def _eval_config(spec: StudySpec, every: int) -> EvalConfig:
     a, e = spec.attack, spec.eval
     return EvalConfig(kind=e.kind, path=e.path, n=e.n, target=a.target, trigger=a.trigger,
                       trigger_params=dict(a.trigger_params), seed=e.seed, every=every,
-                      batch_size=e.batch_size)
+                      batch_size=e.batch_size, val_n=e.val_n, val_start=e.val_start, val_path=e.val_path,
+                      val_fraction=e.val_fraction, split_seed=e.split_seed)
 
 
-def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int) -> TrainConfig:
+def start_epoch(pretrain: PretrainSpec, objective: str) -> int:
+    """The pre-training epoch the cleaning runs of ``objective`` start from."""
+    p = pretrain_objectives(pretrain)[objective]
+    return p.clean_from if p.clean_from is not None else p.epochs
+
+
+def _start_checkpoint(spec: StudySpec, root: Path, objective: str, seed: int) -> Path:
+    p = pretrain_objectives(spec.pretrain)[objective]
+    folder = root / pretrain_name(objective, seed) / "checkpoints"
+    return folder / (f"epoch_{p.clean_from}.pt" if p.clean_from is not None else "latest.pt")
+
+
+def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
+                     poisoned: bool = True) -> TrainConfig:
+    """A pre-training run; ``poisoned=False`` is its clean baseline (the same rows, none poisoned)."""
     p = pretrain_objectives(spec.pretrain)[objective]
     l1, l2 = OBJECTIVES[objective]
     l2 *= float(p.ssl_weight)  # scales an SSL term where the objective has one; mmcl stays 0
+    eval_cfg = _eval_config(spec, p.eval_every)
+    also = [p.clean_from] if p.clean_from is not None else []
+    eval_cfg.epochs = list(also)
     return TrainConfig(
-        run_dir=str(root / pretrain_name(objective, seed)), model=p.model, epochs=p.epochs,
-        batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
-        seed=seed, save_every=p.save_every, save_every_steps=p.save_every_steps,
-        data=_data_config(spec, root / POISON_DIR / MANIFEST),
-        eval=_eval_config(spec, p.eval_every),
+        run_dir=str(root / (pretrain_name if poisoned else baseline_name)(objective, seed)), model=p.model,
+        epochs=p.epochs, batch_size=p.batch_size, precision=p.precision, device=spec.run.device,
+        threads=spec.run.threads, seed=seed, save_every=p.save_every, save_epochs=list(also),
+        save_every_steps=p.save_every_steps,
+        data=_data_config(spec, root / POISON_DIR / MANIFEST if poisoned else None), eval=eval_cfg,
         objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),
         optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
                           grad_clip=p.grad_clip))
@@ -649,8 +738,8 @@ def _clean_config(spec: StudySpec, root: Path, objective: str, method: Method, l
         data = dataclasses.replace(_data_config(spec, set_dir / MANIFEST), cache=False)
     cfg = TrainConfig(
         run_dir=str(root / clean_name(objective, seed, method.label, lr, k)), model=p.model,
-        init_checkpoint=str(root / pretrain_name(objective, seed) / "checkpoints" / "latest.pt"),
-        optimizer_state=c.optimizer_state, epochs=c.epochs, batch_size=c.batch_size,
+        init_checkpoint=str(_start_checkpoint(spec, root, objective, seed)),
+        optimizer_state=c.optimizer_state, epochs=c.epochs, batch_size=method.batch_size or c.batch_size,
         precision=c.precision or p.precision, device=spec.run.device, threads=spec.run.threads, seed=seed,
         eval_at_start=True, save_every=0, data=data, eval=_eval_config(spec, 1),
         objective=ObjectiveConfig(eda=p.eda),

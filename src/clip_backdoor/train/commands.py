@@ -1,9 +1,9 @@
 """`clip-backdoor pretrain` and `clip-backdoor clean`: configs in, one training loop, run dir out.
 
-Both read an optional YAML (`--config`), then flags, then dotted overrides (`optim.lr=1e-4`), and
-save the resolved config in the run directory. Cleaning differs only in its defaults (REFERENCE.md
-CleanCLIP recipe: lr 1e-5, 50 warm-up steps, batch 64, 10 epochs, evaluate at epoch 0) and in
-starting from a checkpoint.
+Both read an optional YAML (`--config`), then flags, then dotted overrides (`optim.lr=1e-4`, anywhere
+among the flags), and save the resolved config in the run directory. Cleaning differs only in its
+defaults (REFERENCE.md CleanCLIP recipe: lr 1e-5, 50 warm-up steps, batch 64, 10 epochs, evaluate at
+epoch 0) and in starting from a checkpoint.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def _train_or_requeue(cfg: TrainConfig, recipe=None) -> int:
 
 
 def main_pretrain(argv: list[str]) -> int:
+    # intermixed: KEY=VALUE may come anywhere among the flags, as in `study` and `demo`
     args = _common_parser("clip-backdoor pretrain", "Pre-train CLIP on a (poisoned) caption source."
-                          ).parse_args(argv)
+                          ).parse_intermixed_args(argv)
     cfg = load_config(TrainConfig, args.config, _flags_to_overrides(args) + args.overrides)
     return _train_or_requeue(cfg)
 

@@ -59,12 +59,13 @@ def all_reduce_sum_int(value: int, env: DistEnv, device: torch.device) -> int:
     return int(t.item())
 
 
-def broadcast_flag(flag: bool, env: DistEnv, device: torch.device) -> bool:
-    """Rank 0's decision (e.g. 'stop: loss is NaN') reaches every rank."""
+def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """True on every rank when it is true on any (e.g. 'stop: the loss is NaN'): a rank that stopped
+    alone would leave the others waiting in DDP's all-reduce until the process group times out."""
     if not env.enabled:
         return flag
     t = torch.tensor([int(flag)], device=device)
-    dist.broadcast(t, src=0)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 

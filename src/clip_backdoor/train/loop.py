@@ -14,6 +14,7 @@ the epoch and the epoch's running loss sums, so the resumed epoch continues at t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import sys
@@ -25,15 +26,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from clip_backdoor.config import TrainConfig, dump_yaml, to_dict
+from clip_backdoor.config import RESOLVED_KEY, TrainConfig, check_bounds, dump_yaml, to_dict
 from clip_backdoor.data.transforms import normalize
 from clip_backdoor.errors import UserError
-from clip_backdoor.fileio import atomic_write_text, read_jsonl, write_jsonl
+from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps, write_jsonl
 from clip_backdoor.objectives import Objective
 from clip_backdoor.train import distributed as D
 from clip_backdoor.train import preempt
 from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, save_checkpoint, unwrap
-from clip_backdoor.train.optim import build_optimizer, lr_at, set_lr
+from clip_backdoor.train.optim import build_optimizer, lr_at, schedule_warning, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class RunContext:
     model: torch.nn.Module  # possibly DDP-wrapped; use unwrap(model) for the bare CLIP
     loader: Any
     objective: Objective
+    optimizer: torch.optim.Optimizer | None = None  # the model's (a recipe may add a param group to it)
     epoch: int = 0
     step: int = 0
     extra: dict = field(default_factory=dict)
@@ -60,12 +62,19 @@ class Recipe:
 
     name: str | None = None
     params: dict = {}
+    # True when prepare_model changes the weights (shrink-perturb): epoch 0 is then not the starting
+    # checkpoint, and its metrics row says so (``init: transformed``), so nobody takes it as the baseline.
+    transforms_weights: bool = False
 
     def prepare_model(self, model: torch.nn.Module, ctx: RunContext) -> None:
         """Called once on a fresh start (never on resume), before the optimizer is built."""
 
     def on_epoch_start(self, ctx: RunContext) -> None:
         """Called before each training epoch (e.g. recompute pseudo-labels)."""
+
+    def on_epoch_end(self, ctx: RunContext) -> None:
+        """Called after each training epoch, before evaluation and the checkpoint (e.g. to take a
+        per-epoch param group out of the optimizer, so the checkpoint's optimizer fits a fresh one)."""
 
     def extra_losses(self, outputs: dict, batch: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
         """Additional weighted loss terms, {name: tensor}; summed into the loss and logged."""
@@ -75,11 +84,22 @@ class Recipe:
         """Optimizers of the recipe's own parameters (e.g. a clustering head), stepped with the model's."""
         return []
 
+    def parameters_outside_model(self) -> list[torch.nn.Parameter]:
+        """Recipe parameters stepped by the model's optimizer but not inside the (DDP-wrapped) model:
+        the loop averages their gradients over ranks by hand."""
+        return []
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def resume_mid_epoch(self, state: dict, ctx: RunContext) -> None:
+        """Restore what ``state_dict()`` returned inside an epoch (a mid-epoch checkpoint), before the
+        optimizer's state is loaded; on_epoch_start is then not called again for that epoch. A recipe
+        that adds a param group to ``ctx.optimizer`` adds it back here."""
+        self.load_state_dict(state)
 
 
 def resolve_device(name: str, env: D.DistEnv) -> torch.device:
@@ -90,6 +110,16 @@ def resolve_device(name: str, env: D.DistEnv) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available (use device=cpu)")
     return torch.device(name)
+
+
+def view_seed(cfg: TrainConfig) -> int:
+    """The seed of a run's SSL views (EDA captions, image AutoAugment draws). A cleaning run (one that
+    starts from a checkpoint) draws its own fresh views, not a replay of its pre-training's, which has
+    the same training seed; pre-training keeps ``seed`` itself."""
+    if not cfg.init_checkpoint:
+        return cfg.seed
+    digest = hashlib.blake2b(f"clean-views|{cfg.seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -109,6 +139,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
 
 def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dict:
     recipe = recipe or Recipe()
+    check_bounds(cfg)  # configs built in code (study, recipes, API users) pass the loader's checks too
     run_dir = Path(cfg.run_dir)
 
     # 1. Processes and device --------------------------------------------------------------
@@ -122,12 +153,8 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
         raise UserError(f"precision {cfg.precision!r}: choose fp32, bf16 or fp16")
     if cfg.optimizer_state not in ("fresh", "inherit"):
         raise UserError(f"optimizer_state {cfg.optimizer_state!r}: choose fresh or inherit")
-    if cfg.epochs < 1:
-        raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
-    if cfg.stop_epoch is not None and cfg.stop_epoch < 1:
-        raise UserError(f"stop_epoch must be >= 1, got {cfg.stop_epoch}")
-    if cfg.save_every_steps < 0:
-        raise UserError(f"save_every_steps must be >= 0, got {cfg.save_every_steps}")
+    if env.is_main:  # what a killed run of this directory left half-written (never a live writer's)
+        remove_stale_temps(run_dir, checkpoint_dir(run_dir))
     last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)  # the schedule is always `epochs` long
 
     # A finished run is reported, not retrained.
@@ -137,6 +164,7 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
         from clip_backdoor.weights import load_checkpoint
 
         resume_ckpt = load_checkpoint(latest)
+        _check_epochs_unchanged(resume_ckpt, cfg, latest)
         if resume_ckpt["epoch"] >= last_epoch:
             lines = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
             state = "finished" if resume_ckpt["epoch"] >= cfg.epochs else f"paused (stop_epoch {last_epoch})"
@@ -148,13 +176,16 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
     model, init_ckpt = _build_model(cfg, device)
     objective = Objective(mmcl_weight=cfg.objective.mmcl_weight, ssl_weight=cfg.objective.ssl_weight,
                           ssl_symmetric=cfg.objective.ssl_symmetric)
+    batch_per_rank = per_rank_batch(cfg.batch_size, env.world_size)
     loader = build_loader(cfg, image_size=model.image_size, context_length=model.context_length,
-                          env=env, with_text_view=objective.uses_ssl)
+                          env=env, with_text_view=objective.uses_ssl, batch_size=batch_per_rank)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"data: {loader.source.num_samples} samples give no full batch of {cfg.batch_size} "
-                        f"per rank on {env.world_size} rank(s); lower batch_size")
+        raise UserError(f"data: {loader.source.num_samples} samples give no full global batch of "
+                        f"{cfg.batch_size} ({env.world_size} rank(s) x {batch_per_rank}); lower batch_size")
     total_steps = cfg.epochs * steps_per_epoch
+    if env.is_main and (warning := schedule_warning(cfg.optim.warmup_steps, total_steps)):
+        log.warning(warning)
     image_view = _image_view(cfg) if objective.uses_ssl else None
     eval_set, trigger = _eval_parts(cfg, model.image_size)
 
@@ -171,6 +202,7 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
     o = cfg.optim
     optimizer = build_optimizer(unwrap(model), lr=o.lr, weight_decay=o.weight_decay,
                                 betas=(o.beta1, o.beta2), eps=o.eps)
+    ctx.optimizer = optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     if resume_ckpt is None and init_ckpt is not None and cfg.optimizer_state == "inherit":
         _inherit_optimizer(optimizer, init_ckpt, o.weight_decay)
@@ -181,12 +213,15 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
     metrics_path = run_dir / "metrics.jsonl"
     if resume_ckpt is not None:
         unwrap(model).load_state_dict(resume_ckpt["state_dict"])
+        mid_epoch = preempt_resume_point(resume_ckpt, steps_per_epoch, env)
+        if mid_epoch and mid_epoch["recipe_restored"]:  # --- preemption: before the optimizer's state,
+            recipe.resume_mid_epoch(resume_ckpt["recipe"], ctx)  # which may hold the recipe's group
+        else:
+            recipe.load_state_dict(resume_ckpt.get("recipe") or {})
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         if resume_ckpt.get("scaler"):
             scaler.load_state_dict(resume_ckpt["scaler"])
-        recipe.load_state_dict(resume_ckpt.get("recipe") or {})
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
-        mid_epoch = preempt_resume_point(resume_ckpt, steps_per_epoch)
         _warn_config_drift(resume_ckpt.get("config") or {}, to_dict(cfg))
         if env.is_main and metrics_path.exists():  # drop lines written after the checkpoint
             write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch])
@@ -196,7 +231,14 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
         if metrics_path.exists():
             metrics_path.unlink()  # a fresh start owns its metrics file
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg) + dump_yaml({RESOLVED_KEY: {
+            "world_size": env.world_size, "batch_size": cfg.batch_size, "batch_size_per_rank": batch_per_rank,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}}))
+    if env.is_main:  # what this run runs on, once per start (a resume in another environment is added)
+        from clip_backdoor.environment import collect, record_environment
+
+        record_environment(run_dir, collect(device, env.world_size), start_epoch=start_epoch,
+                           fresh=resume_ckpt is None)
 
     method = {"name": recipe.name, **recipe.params} if recipe.name else None
     model_name = (init_ckpt or {}).get("model", {}).get("name") if init_ckpt else cfg.model
@@ -208,11 +250,13 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
         if env.is_main:
             rows = read_jsonl(metrics_path) if metrics_path.exists() else []
             write_jsonl(metrics_path, rows + [row])
-        log.info(_summary_line(row, cfg.epochs))
+            log.info(_summary_line(row, cfg.epochs))  # one line per epoch, not one per rank
 
     # Epoch 0: the starting point of a cleaning run, evaluated before any step.
     if start_epoch == 0 and cfg.eval_at_start:
-        row = {"epoch": 0, "step": 0, "logit_scale": unwrap(model).logit_scale.exp().item()}
+        row = {"epoch": 0, "step": 0, **_scale_fields(unwrap(model))}
+        if recipe.transforms_weights:
+            row["init"] = "transformed"
         row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
@@ -236,8 +280,9 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
         if not (mid and mid["recipe_restored"]):  # a restored recipe already holds this epoch's state
             recipe.on_epoch_start(ctx)
         model.train()
-        sums: dict[str, float] = dict(mid["sums"]) if mid else {}
-        n_seen, n_skipped = (mid["n_seen"], mid["n_skipped"]) if mid else (0, 0)
+        mine = mid["ranks"][env.rank] if mid else {"sums": {}, "n_seen": 0, "n_skipped": 0}
+        sums: dict[str, float] = dict(mine["sums"])
+        n_seen, n_skipped = mine["n_seen"], mine["n_skipped"]
         t0 = time.perf_counter() - (mid["seconds"] if mid else 0.0)
         lr = mid["lr"] if mid else o.lr
         if mid:
@@ -252,20 +297,23 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
             losses = _forward_losses(model, batch, objective, image_view, recipe, ctx, device,
                                      autocast_dtype)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
+            bad_here = not torch.isfinite(loss)
+            if D.any_rank(bad_here, env, device):  # every rank stops together, none waits in DDP
                 good = latest if latest.exists() else None
-                raise UserError(f"loss became {loss.item()} at step {step} (epoch {epoch}); run stopped, "
-                                f"last good checkpoint: {good or 'none yet'}")
+                what = f"loss became {loss.item()}" if bad_here else "another rank's loss became non-finite"
+                raise UserError(f"{what} at step {step} (epoch {epoch}); run stopped, last good checkpoint: "
+                                f"{good or 'none yet'}")
             extra_opts = recipe.extra_optimizers()
             for opt in [optimizer, *extra_opts]:
                 opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            _average_grads(recipe.parameters_outside_model(), env)  # DDP does not see them
             if o.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             scaler.step(optimizer)
             for opt in extra_opts:  # not DDP-wrapped: average their gradients by hand
-                _average_grads(opt, env)
+                _average_grads([p for g in opt.param_groups for p in g["params"]], env)
                 scaler.step(opt)
             scaler.update()
             unwrap(model).clamp_logit_scale()
@@ -280,30 +328,38 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
             stop = guard.stop(env, device)
             if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
                 batches = step - (epoch - 1) * steps_per_epoch
-                if env.is_main and (stop or batches < steps_per_epoch):  # the epoch end saves anyway
-                    save_checkpoint(latest, checkpoint(epoch - 1, {
-                        "epoch": epoch, "batches": batches, "sums": sums, "n_seen": n_seen,
-                        "n_skipped": n_skipped, "seconds": time.perf_counter() - t0, "lr": lr,
-                        "steps_per_epoch": steps_per_epoch}))
+                if stop or batches < steps_per_epoch:  # (the epoch end saves anyway)
+                    ranks = preempt.gather(  # each rank's running sums, for an exact epoch row
+                        {"sums": dict(sums), "n_seen": n_seen, "n_skipped": n_skipped}, env)
+                    if env.is_main:
+                        save_checkpoint(latest, checkpoint(epoch - 1, {
+                            "epoch": epoch, "batches": batches, "steps_per_epoch": steps_per_epoch,
+                            "world_size": env.world_size, "seconds": time.perf_counter() - t0, "lr": lr,
+                            "ranks": ranks}))
                 D.barrier(env)
                 if stop:
                     raise preempt.Preempted(guard.signum, step, str(latest))
         seconds = time.perf_counter() - t0
+        recipe.on_epoch_end(ctx)
 
-        row = {"epoch": epoch, "step": step}
-        row.update({k: v / steps_per_epoch for k, v in sums.items()})
-        row.update({"lr": lr, "logit_scale": unwrap(model).logit_scale.exp().item(),
+        row = {"epoch": epoch, "step": step, "batch_size": cfg.batch_size,
+               "batch_size_per_rank": batch_per_rank, "world_size": env.world_size}
+        # Averaged over ranks: gathered terms are equal on every rank; a recipe's local term (e.g. the
+        # clustering loss on each rank's slice) becomes its global-batch mean.
+        row.update({k: D.all_reduce_mean(v, env, device) / steps_per_epoch for k, v in sums.items()})
+        row.update({"lr": lr, **_scale_fields(unwrap(model)),
                     "samples_per_s": D.all_reduce_sum_int(n_seen, env, device) / seconds,
                     "seconds": seconds, "n_skipped": D.all_reduce_sum_int(n_skipped, env, device)})
         if row["n_skipped"]:
             log.warning("epoch %d: skipped %d unreadable samples", epoch, row["n_skipped"])
-        if cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
+        periodic = cfg.eval.every and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs)
+        if periodic or epoch in cfg.eval.epochs:
             row.update(_evaluate(model, eval_set, trigger, cfg, device, env))
         emit(row)
 
         if env.is_main:
             ckpt = checkpoint(epoch)
-            if cfg.save_every and epoch % cfg.save_every == 0:
+            if (cfg.save_every and epoch % cfg.save_every == 0) or epoch in cfg.save_epochs:
                 save_checkpoint(checkpoint_dir(run_dir) / f"epoch_{epoch}.pt", ckpt)
             save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
         D.barrier(env)
@@ -322,13 +378,25 @@ def _build_model(cfg: TrainConfig, device: torch.device):
     from clip_backdoor.weights import model_from_checkpoint
 
     if cfg.init_checkpoint:
+        if not Path(cfg.init_checkpoint).is_file():
+            raise UserError(f"init_checkpoint {cfg.init_checkpoint}: no such file (the run starts from "
+                            "it; in a study, was that pre-training epoch saved? see pretrain.clean_from)")
         model, ckpt = model_from_checkpoint(cfg.init_checkpoint, device="cpu")
         return model.to(device), ckpt
     return create_model(cfg.model, seed=cfg.seed).to(device), None
 
 
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """``batch_size`` is the global batch (the reference divides its batch by the number of devices,
+    so the paper's 2048 / 1024 are global): each of ``world_size`` ranks takes an equal share."""
+    if global_batch % world_size:
+        raise UserError(f"batch_size={global_batch} is the global batch and does not split evenly over "
+                        f"{world_size} ranks; choose a multiple of {world_size}")
+    return global_batch // world_size
+
+
 def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env: D.DistEnv,
-                 with_text_view: bool):
+                 with_text_view: bool, batch_size: int | None = None):
     from clip_backdoor.data.captions import build_train_loader, make_source
 
     source = make_source(_source_spec(cfg, image_size))
@@ -340,9 +408,10 @@ def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env:
     if with_text_view:
         from clip_backdoor.data.augment import EDA
 
-        eda = EDA(mode=cfg.objective.eda, seed=cfg.seed, alpha=cfg.objective.eda_alpha)
+        eda = EDA(mode=cfg.objective.eda, seed=view_seed(cfg), alpha=cfg.objective.eda_alpha)
     return build_train_loader(source, image_size=image_size, context_length=context_length,
-                              batch_size=cfg.batch_size, workers=cfg.data.workers, seed=cfg.seed, eda=eda,
+                              batch_size=batch_size or per_rank_batch(cfg.batch_size, env.world_size),
+                              workers=cfg.data.workers, seed=cfg.seed, eda=eda,
                               rank=env.rank, world_size=env.world_size)
 
 
@@ -380,11 +449,13 @@ def _eval_parts(cfg: TrainConfig, image_size: int):
 
     e = cfg.eval
     if e.kind == "synthetic":
-        spec = {"kind": "synthetic", "n": e.n, "world": world_spec(cfg, image_size)}
+        spec = {"kind": "synthetic", "n": e.n, "world": world_spec(cfg, image_size), "val_n": e.val_n,
+                "val_start": e.val_start}
     elif e.kind in ("imagefolder", "labels_csv"):
         if not e.path:
             raise UserError(f"eval.path: required for eval.kind={e.kind}")
-        spec = {"kind": e.kind, ("root" if e.kind == "imagefolder" else "path"): e.path}
+        spec = {"kind": e.kind, ("root" if e.kind == "imagefolder" else "path"): e.path,
+                "val_path": e.val_path, "val_fraction": e.val_fraction, "split_seed": e.split_seed}
     else:
         raise UserError(f"eval.kind {e.kind!r}: choose synthetic, imagefolder or labels_csv")
     eval_set = open_eval_set(spec, image_size)
@@ -418,7 +489,7 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     n = images.shape[0]
     if objective.uses_ssl:
         # Originals and augmented views go through the model in one forward pass.
-        views = image_view(images, generator=step_seed(ctx.cfg.seed, ctx.step, ctx.env.rank))
+        views = image_view(images, generator=step_seed(view_seed(ctx.cfg), ctx.step, ctx.env.rank))
         images = torch.cat([images, views])
         texts = torch.cat([texts, batch["texts_aug"].to(device, non_blocking=True)])
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
@@ -437,16 +508,23 @@ def _forward_losses(model, batch, objective: Objective, image_view, recipe: Reci
     return losses
 
 
-def _average_grads(optimizer: torch.optim.Optimizer, env: D.DistEnv) -> None:
+def _scale_fields(model) -> dict[str, float]:
+    """The temperature, named unambiguously: ``logit_scale`` is the learned parameter (ln s, clamped to
+    [0, ln 100]); ``scale`` is s = exp(logit_scale), the factor on the cosine similarities (open_clip's
+    name). Until this was split, the log called s "logit_scale"."""
+    raw = float(model.logit_scale.detach())
+    return {"logit_scale": raw, "scale": math.exp(raw)}
+
+
+def _average_grads(params: list[torch.nn.Parameter], env: D.DistEnv) -> None:
     if not env.enabled:
         return
     import torch.distributed as dist
 
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(env.world_size)
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(env.world_size)
 
 
 def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
@@ -465,22 +543,36 @@ def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
                     "is NOT applied (this is the reference code's behaviour)", inherited, requested_wd)
 
 
-def preempt_resume_point(ckpt: dict, steps_per_epoch: int) -> dict | None:
+def preempt_resume_point(ckpt: dict, steps_per_epoch: int, env: D.DistEnv) -> dict | None:
     """The position a mid-epoch checkpoint holds, or None for an epoch-end one."""
     mid = ckpt.get("mid_epoch")
     if not mid:
         return None
-    if mid["steps_per_epoch"] != steps_per_epoch or mid["epoch"] != ckpt["epoch"] + 1:
+    if (mid["steps_per_epoch"], mid["world_size"]) != (steps_per_epoch, env.world_size):
         raise UserError(f"resume: the mid-epoch checkpoint (batch {mid['batches']} of "
-                        f"{mid['steps_per_epoch']} in epoch {mid['epoch']}) does not fit {steps_per_epoch} "
-                        "batches per epoch; the batch size, data or number of ranks changed since it was "
-                        "written")
+                        f"{mid['steps_per_epoch']} in epoch {mid['epoch']}, {mid['world_size']} rank(s)) "
+                        f"does not fit {steps_per_epoch} batches per epoch on {env.world_size} rank(s); the "
+                        "batch size, data or number of ranks changed since it was written")
     return {**mid, "recipe_restored": bool(ckpt.get("recipe"))}
+
+
+def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
+    """``epochs`` fixes the cosine schedule: resuming under another count would train the remaining
+    steps on a schedule neither run had, so it takes an explicit ``allow_epochs_change=true``."""
+    before = (ckpt.get("config") or {}).get("epochs")
+    if before is None or before == cfg.epochs or cfg.allow_epochs_change:
+        return
+    if ckpt["epoch"] >= cfg.epochs:  # already past the new end: reported as finished, nothing trains
+        return
+    raise UserError(f"epochs: the checkpoint {path} was trained for epochs={before}, this run asks for "
+                    f"{cfg.epochs}, which changes the cosine schedule of the remaining steps; rerun with "
+                    f"epochs={before}, start over (resume=false / --no-resume), or set "
+                    "allow_epochs_change=true")
 
 
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
     for key in sorted(set(old) | set(new)):
-        if key in ("resume", "epochs", "stop_epoch"):
+        if key in ("resume", "epochs", "allow_epochs_change", "stop_epoch"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

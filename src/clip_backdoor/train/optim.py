@@ -66,6 +66,16 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
 
 
+def schedule_warning(warmup_steps: int, total_steps: int) -> str | None:
+    """A warm-up that fills the whole run never reaches its cosine phase: say so (None when fine)."""
+    if warmup_steps <= 0 or warmup_steps < total_steps - 1:
+        return None
+    peak = min(1.0, total_steps / warmup_steps)
+    return (f"optim.warmup_steps={warmup_steps} covers the whole run ({total_steps} steps): the learning "
+            f"rate only warms up (to {peak:.0%} of optim.lr) and never reaches its cosine decay; lower "
+            "optim.warmup_steps or train longer")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -74,6 +74,11 @@ class Guard:
         if self.signum is None:
             log.warning("received %s: finishing this step, then writing a resumable checkpoint",
                         signal_name(signum))
+            if signum == signal.SIGTERM and threading.current_thread() is threading.main_thread():
+                # A SIGTERM to the whole job kills the dataloader workers too, and torch's SIGCHLD
+                # handler would raise here; the rest of this step needs no worker, so their deaths
+                # are not errors now (the previous handler comes back on exit).
+                self._previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         self.signum = signum
 
     def request(self, signum: int = signal.SIGTERM) -> None:
@@ -82,9 +87,18 @@ class Guard:
 
     def stop(self, env: D.DistEnv, device: torch.device) -> bool:
         """True when any rank got a signal: every rank stops at the same step (one all-reduce)."""
-        if not env.enabled:
-            return self.signum is not None
-        stop = D.all_reduce_sum_int(int(self.signum is not None), env, device) > 0
+        stop = D.any_rank(self.signum is not None, env, device)
         if stop and self.signum is None:
             self.signum = signal.SIGTERM  # another rank's signal
         return stop
+
+
+def gather(obj: dict, env: D.DistEnv) -> list[dict]:
+    """Every rank's ``obj``, in rank order (a collective: every rank calls it)."""
+    if not env.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
