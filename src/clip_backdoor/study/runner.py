@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("dir", help="a study directory whose cleaning runs all finished without pruning")
     pc.add_argument("--eta", type=int, help="default: the study's cleaning.prune.eta, else 3")
     pc.add_argument("--rungs", help="comma-separated epochs, e.g. 1,3 (default: the study's, else 1,3)")
+    pc.add_argument("--thresholds", help="comma-separated ASR levels to keep runs for, e.g. 0.05 "
+                    "(default: the study's)")
     pc.add_argument("--no-protect", action="store_true",
                     help="replay without the rule that keeps runs more accurate than the incumbent")
     ls = sub.add_parser("list", help="print the study's runs and whether each is finished")
@@ -502,7 +504,8 @@ def load_for_command(file: str, overrides: list[str], jobs: int | None = None,
     return spec
 
 
-def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bool = True) -> str:
+def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bool = True,
+                thresholds: str | None = None) -> str:
     """``study prune-check``: replay successive halving on a finished full grid (exact: a paused
     run's epochs are the full run's) and compare its selections with the full grid's."""
     from clip_backdoor.study.prune import parse_prune, replay_groups
@@ -520,6 +523,12 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bo
             raise UserError(f"--rungs {rungs!r}: expected comma-separated epochs, e.g. 1,3") from None
     if not protect:
         given["protect"] = False
+    if thresholds is not None:
+        try:
+            given["thresholds"] = [float(t) for t in thresholds.split(",")]
+        except ValueError:
+            raise UserError(f"--thresholds {thresholds!r}: expected comma-separated fractions, "
+                            "e.g. 0.05") from None
     settings = parse_prune(given, c.epochs, plan.spec.thresholds, where="prune-check")
     members: dict[tuple, list[Run]] = {}
     for run in plan.runs:
@@ -605,7 +614,8 @@ def main(argv: list[str]) -> int:
         report(plan_for_dir(args.dir))
         return 0
     if args.action == "prune-check":
-        print(prune_check(plan_for_dir(args.dir), args.eta, args.rungs, protect=not args.no_protect))
+        print(prune_check(plan_for_dir(args.dir), args.eta, args.rungs, protect=not args.no_protect,
+                          thresholds=args.thresholds))
         return 0
     cluster = {flag: getattr(args, flag.replace("-", "_"), None) for flag in CLUSTER_FLAGS}
     spec = load_for_command(args.file, args.overrides + rest, getattr(args, "jobs", None),
