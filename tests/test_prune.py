@@ -248,6 +248,8 @@ def test_pruned_study_matches_the_replay_of_its_full_grid(tmp_path, caplog):
     out = runner.prune_check(runner.plan_for_dir(root), None, None)
     assert f"compute: {100 * sum(stopped.values()) / (3 * len(runs)):.1f}% of the full grid" in out
     assert "at ASR ≤ 5%: 1 of 1 groups (100%)" in out
+    only5 = runner.prune_check(runner.plan_for_dir(root), 3, "1", protect=False, thresholds="0.05")
+    assert "eta=3 rungs=[1] protect=False thresholds=['0.05']" in only5 and "ASR ≤ 1%" not in only5
 
 
 def test_dry_run_submits_cleaning_runs_to_the_first_rung(tmp_path, capsys):
