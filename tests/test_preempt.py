@@ -56,6 +56,19 @@ class SignalAt(Recipe):
         return {}
 
 
+def signalling(recipe, step, signum=signal.SIGTERM):
+    """``recipe`` (a real cleaning method), sending this process ``signum`` from inside ``step``."""
+    real = recipe.extra_losses
+
+    def extra_losses(outputs, batch, ctx):
+        if ctx.step == step:
+            os.kill(os.getpid(), signum)
+        return real(outputs, batch, ctx)
+
+    recipe.extra_losses = extra_losses
+    return recipe
+
+
 class CrashAt(Recipe):
     def __init__(self, step):
         self.at = step
@@ -112,6 +125,20 @@ def test_a_crash_resumes_from_the_last_periodic_mid_epoch_checkpoint(full_ssl, t
     assert_same_run(full_ssl, cut)
 
 
+def test_a_cleaning_run_stopped_in_its_first_epoch_keeps_its_epoch_0(full_ssl, tmp_path):
+    """Epoch 0 (the starting model, evaluated before the first step) is not evaluated again on the
+    half-trained model of a resume inside epoch 1."""
+    start = ["method=mmcl", "eval_at_start=true", "epochs=2",
+             f"init_checkpoint={full_ssl / 'checkpoints' / 'latest.pt'}"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(cfg_for(full, *start), cleaning.build_recipe("mmcl"))
+    with pytest.raises(Preempted):
+        train(cfg_for(cut, *start), signalling(cleaning.build_recipe("mmcl"), 3))
+    assert [r["epoch"] for r in read_jsonl(cut / "metrics.jsonl")] == [0]
+    train(cfg_for(cut, *start), cleaning.build_recipe("mmcl"))
+    assert_same_run(full, cut)
+
+
 @pytest.mark.parametrize("variant", ["reference", "fixed"])
 def test_deep_clustering_resumes_mid_epoch_with_its_clusters(full_ssl, tmp_path, variant):
     """The reference variant's head is in the model's optimizer (its group comes back before the
@@ -125,17 +152,8 @@ def test_deep_clustering_resumes_mid_epoch_with_its_clusters(full_ssl, tmp_path,
 
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(cfg_for(full, *start), recipe())
-    signalled = recipe()
-    real = signalled.extra_losses
-
-    def extra_losses(outputs, batch, ctx):  # a real SIGTERM from inside step 12 (epoch 2)
-        if ctx.step == STEPS_PER_EPOCH + 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(outputs, batch, ctx)
-
-    signalled.extra_losses = extra_losses
     with pytest.raises(Preempted):
-        train(cfg_for(cut, *start), signalled)
+        train(cfg_for(cut, *start), signalling(recipe(), STEPS_PER_EPOCH + 4))  # in epoch 2
     assert load_checkpoint(cut / "checkpoints" / "latest.pt")["recipe"]["head"]  # the epoch's head
     train(cfg_for(cut, *start), recipe())
     assert_same_run(full, cut)

@@ -253,7 +253,7 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
             log.info(_summary_line(row, cfg.epochs))  # one line per epoch, not one per rank
 
     # Epoch 0: the starting point of a cleaning run, evaluated before any step.
-    if start_epoch == 0 and cfg.eval_at_start:
+    if start_epoch == 0 and cfg.eval_at_start and mid_epoch is None:  # (a mid-epoch-1 resume has it)
         row = {"epoch": 0, "step": 0, **_scale_fields(unwrap(model))}
         if recipe.transforms_weights:
             row["init"] = "transformed"
