@@ -241,8 +241,9 @@ def test_webdataset_stream_resumed_mid_epoch_yields_the_rest_of_the_epoch(tmp_pa
 
 
 def test_sigterm_to_the_whole_process_group_with_dataloader_workers(tmp_path):
-    """A cluster signals every process of a job, dataloader workers included: they leave the signal
-    to the training process, which writes its mid-epoch checkpoint and exits 75 (requeue)."""
+    """A cluster signals every process of a job, dataloader workers included, in no fixed order: here
+    the workers get SIGTERM first and die, then the whole group. The training process takes the
+    workers' deaths for the stop they are, writes its checkpoint and exits 75 (requeue)."""
     import subprocess
     import sys
     import time
@@ -260,13 +261,60 @@ def test_sigterm_to_the_whole_process_group_with_dataloader_workers(tmp_path):
         deadline = time.monotonic() + 240
         while "epoch 1/2" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, as SLURM does
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        own = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        workers = [int(pid) for pid in children.split() if Path(f"/proc/{pid}/cmdline").read_bytes() == own]
+        assert len(workers) == 2, children  # the two forked dataloader workers
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)  # then every process of the group, as SLURM does
         code = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert code == 75, text[-2000:]
-    assert "killed by signal" not in text and "resumable from" in text
+    assert "killed by signal" not in text and "Traceback" not in text and "resumable from" in text
     ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert ckpt["epoch"] == 1 or "mid_epoch" in ckpt  # the state at the signal was saved
+
+
+def test_the_loader_failing_after_a_stop_ends_the_epoch_there():
+    """Once a stop signal came, a loader whose workers died with it ends the epoch (not the run);
+    without a signal, or under DDP (the other ranks may have their batch), the error stands."""
+    from clip_backdoor.train.distributed import DistEnv
+
+    def loader():
+        yield from (1, 2)
+        raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
+
+    guard = Guard()
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        list(guard.batches(loader(), DistEnv()))
+    guard.request()
+    assert list(guard.batches(loader(), DistEnv())) == [1, 2]
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        list(guard.batches(loader(), DistEnv(rank=0, world_size=2)))
+
+
+def test_an_epoch_cut_short_by_the_loader_is_saved_where_it_ended(full_ssl, tmp_path, monkeypatch):
+    real = Guard.batches
+    seen = []
+
+    def cut_short(self, loader, env):  # the workers "die" with the signal after 11 batches in all
+        for batch in real(self, loader, env):
+            if len(seen) == STEPS_PER_EPOCH + 3:
+                self.request()
+                return
+            seen.append(1)
+            yield batch
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(Guard, "batches", cut_short)
+    with pytest.raises(Preempted):
+        train(cfg_for(cut, "epochs=2", "objective.ssl_weight=1"))
+    assert load_checkpoint(cut / "checkpoints" / "latest.pt")["mid_epoch"]["batches"] == 3
+    monkeypatch.setattr(Guard, "batches", real)
+    train(cfg_for(cut, "epochs=2", "objective.ssl_weight=1"))
+    assert_same_run(full_ssl, cut)

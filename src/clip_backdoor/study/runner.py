@@ -46,6 +46,7 @@ from clip_backdoor.study.spec import (
     resolved_yaml,
 )
 from clip_backdoor.study.worker import FINISHED
+from clip_backdoor.train.preempt import REQUEUE_EXIT_CODE, ignore_further_stops
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,6 @@ def run_study(spec: StudySpec, root: Path, *, only: str | None = None, dry_run: 
     from clip_backdoor.study.executors import make_executor
     from clip_backdoor.study.prune import parse_prune
     from clip_backdoor.study.schedule import Outcome, Progress, Scheduler
-    from clip_backdoor.train.preempt import REQUEUE_EXIT_CODE
 
     plan = expand(spec, root)
     runs = [r for r in plan.runs  # --only pretrain includes the clean baselines (pre-training runs too)
@@ -625,4 +625,7 @@ def main(argv: list[str]) -> int:
         print(list_runs(expand(spec, root)))
         return 0
     # Ctrl-C: cli.main says how to go on, exit 130
-    return run_study(spec, root, only=args.only, dry_run=args.dry_run, prune=not args.no_prune)
+    code = run_study(spec, root, only=args.only, dry_run=args.dry_run, prune=not args.no_prune)
+    if code == REQUEUE_EXIT_CODE:  # stopped by a signal, state saved: exiting 75, whatever comes now
+        ignore_further_stops()
+    return code

@@ -65,11 +65,12 @@ def _flags_to_overrides(args) -> list[str]:
 def _train_or_requeue(cfg: TrainConfig, recipe=None) -> int:
     """Train; a preemption signal ends the command with the requeue exit code after its checkpoint."""
     from clip_backdoor.train.loop import train
-    from clip_backdoor.train.preempt import REQUEUE_EXIT_CODE, Preempted
+    from clip_backdoor.train.preempt import REQUEUE_EXIT_CODE, Preempted, ignore_further_stops
 
     try:
         train(cfg, recipe)
     except Preempted as e:
+        ignore_further_stops()
         log.warning("%s; run the same command again to continue (exit code %d: requeue)", e,
                     REQUEUE_EXIT_CODE)
         return REQUEUE_EXIT_CODE

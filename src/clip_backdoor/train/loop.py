@@ -273,6 +273,21 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
                 "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
                 "config": to_dict(cfg), **({"mid_epoch": mid} if mid else {})}
 
+    def save_mid_epoch(epoch: int, stop: bool) -> None:
+        """latest.pt at this step inside ``epoch``; ``stop``: then raise Preempted."""
+        batches = step - (epoch - 1) * steps_per_epoch
+        if stop or batches < steps_per_epoch:  # (the epoch end saves anyway)
+            ranks = preempt.gather(  # each rank's running sums, for an exact epoch row
+                {"sums": dict(sums), "n_seen": n_seen, "n_skipped": n_skipped}, env)
+            if env.is_main:
+                save_checkpoint(latest, checkpoint(epoch - 1, {
+                    "epoch": epoch, "batches": batches, "steps_per_epoch": steps_per_epoch,
+                    "world_size": env.world_size, "seconds": time.perf_counter() - t0, "lr": lr,
+                    "ranks": ranks}))
+        D.barrier(env)
+        if stop:
+            raise preempt.Preempted(guard.signum, step, str(latest))
+
     for epoch in range(start_epoch + 1, last_epoch + 1):
         ctx.epoch, ctx.step = epoch, step
         mid, mid_epoch = mid_epoch, None  # preemption: only the first resumed epoch starts mid-way
@@ -287,8 +302,8 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
         lr = mid["lr"] if mid else o.lr
         if mid:
             loader.set_epoch(epoch, start_batch=mid["batches"])
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                   initial=mid["batches"] if mid else 0,
+        bar = tqdm(guard.batches(loader, env), total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                   leave=False, initial=mid["batches"] if mid else 0,
                    disable=not env.is_main or not sys.stderr.isatty(), mininterval=1.0)
         for batch in bar:
             lr = lr_at(step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=total_steps)
@@ -327,18 +342,10 @@ def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dic
             # --- preemption: a signal (or save_every_steps) writes an exact mid-epoch checkpoint
             stop = guard.stop(env, device)
             if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
-                batches = step - (epoch - 1) * steps_per_epoch
-                if stop or batches < steps_per_epoch:  # (the epoch end saves anyway)
-                    ranks = preempt.gather(  # each rank's running sums, for an exact epoch row
-                        {"sums": dict(sums), "n_seen": n_seen, "n_skipped": n_skipped}, env)
-                    if env.is_main:
-                        save_checkpoint(latest, checkpoint(epoch - 1, {
-                            "epoch": epoch, "batches": batches, "steps_per_epoch": steps_per_epoch,
-                            "world_size": env.world_size, "seconds": time.perf_counter() - t0, "lr": lr,
-                            "ranks": ranks}))
-                D.barrier(env)
-                if stop:
-                    raise preempt.Preempted(guard.signum, step, str(latest))
+                save_mid_epoch(epoch, stop)
+        if step < epoch * steps_per_epoch and guard.signum is not None:  # --- preemption: the signal also
+            # ended the loader's workers before the epoch's end
+            save_mid_epoch(epoch, True)
         seconds = time.perf_counter() - t0
         recipe.on_epoch_end(ctx)
 

@@ -56,6 +56,7 @@ class Guard:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._torch_child = None
 
     def __enter__(self) -> Guard:
         if threading.current_thread() is threading.main_thread():
@@ -66,24 +67,67 @@ class Guard:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.signum is not None:  # stopping: the workers' deaths stay no error while we wind down
+            self._previous.pop(signal.SIGCHLD, None)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
+        first, self.signum = self.signum is None, self.signum or signum
+        if first:
             log.warning("received %s: finishing this step, then writing a resumable checkpoint",
                         signal_name(signum))
-            if signum == signal.SIGTERM and threading.current_thread() is threading.main_thread():
-                # A SIGTERM to the whole job kills the dataloader workers too, and torch's SIGCHLD
-                # handler would raise here; the rest of this step needs no worker, so their deaths
-                # are not errors now (the previous handler comes back on exit).
-                self._previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
-        self.signum = signum
+
+    def _watch_children(self) -> None:
+        """Put ``_on_child`` in front of torch's SIGCHLD handler, which a loader installs (once per
+        process) when its workers first start."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGCHLD)
+        if current == self._on_child or not callable(current):
+            return
+        self._torch_child = current
+        self._previous.setdefault(signal.SIGCHLD, current)
+        signal.signal(signal.SIGCHLD, self._on_child)
+
+    def _on_child(self, signum: int, frame: FrameType | None) -> None:
+        """A dataloader worker's death is torch's error, except when the job is being stopped: a
+        SIGTERM to every process of a job ends the workers too, possibly a moment before this
+        process sees its own (the step in progress needs no worker)."""
+        if self.signum is not None:
+            return
+        try:
+            self._torch_child(signum, frame)
+        except RuntimeError as e:
+            if "Terminated" not in str(e):
+                raise
+            self.signum = signal.SIGTERM
+            log.warning("a dataloader worker was terminated: finishing this step, then writing a "
+                        "resumable checkpoint")
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask for a stop as a signal would (tests, recipes)."""
         self.signum = signum
+
+    def batches(self, loader, env: D.DistEnv):
+        """The loader's batches. A SIGTERM to the whole job also ends the dataloader workers, and the
+        next batch then fails; once this process got its stop signal that only ends the epoch early
+        (the loop then saves where it is). Under DDP it still raises: the other ranks may have their
+        batch, and stopping alone would leave them waiting (``save_every_steps`` bounds the loss)."""
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError:
+                if self.signum is None or env.enabled:
+                    raise
+                log.warning("the dataloader workers were stopped too; saving at this step")
+                return
+            self._watch_children()
+            yield batch
 
     def stop(self, env: D.DistEnv, device: torch.device) -> bool:
         """True when any rank got a signal: every rank stops at the same step (one all-reduce)."""
@@ -91,6 +135,15 @@ class Guard:
         if stop and self.signum is None:
             self.signum = signal.SIGTERM  # another rank's signal
         return stop
+
+
+def ignore_further_stops() -> None:
+    """For a command that stopped on a signal and is now exiting (its state is saved): the same
+    signal, sent again or to the whole job a moment later, must not turn exit code 75 into a kill."""
+    if threading.current_thread() is threading.main_thread():
+        for name in SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def gather(obj: dict, env: D.DistEnv) -> list[dict]:
