@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: install test demo demo-quick reproduce lock lint bench wordnet clean-venv
+.PHONY: install test demo demo-quick reproduce lock lint bench wordnet chromium clean-venv
 
 install: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 wordnet: $(STAMP)
 	@bash scripts/install_wordnet.sh $(VENV) || true
 
-test: $(STAMP)
+# Optional: Debian's chromium, for the test that opens the report in a headless browser (it skips
+# without); installed where apt exists, never failing `make test`.
+chromium:
+	@bash scripts/install_chromium.sh || true
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)

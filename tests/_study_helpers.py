@@ -10,7 +10,7 @@ DEVICE_FILE = "device.txt"
 WAIT_S = 120
 
 
-def execute_noting_the_device(name, cfg, keep_checkpoints=True, job=None):
+def execute_noting_the_device(name, cfg, keep_checkpoints=True, job=None, steps=(None, None)):
     """The runner's real ``execute`` (study/worker.py), whose training writes ``cfg.device`` to the
     run directory and then waits for the other pre-training run to start, so the two runs are held
     by two workers at once (one worker cannot take both)."""
@@ -26,4 +26,4 @@ def execute_noting_the_device(name, cfg, keep_checkpoints=True, job=None):
         return {"epoch": cfg.epochs}
 
     loop.train = train
-    return worker.execute(name, cfg, keep_checkpoints, job)
+    return worker.execute(name, cfg, keep_checkpoints, job, steps)

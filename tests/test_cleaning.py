@@ -12,12 +12,12 @@ from clip_backdoor.models import create_model
 def test_registry_lists_every_method_once():
     lines = cleaning.describe_all()
     assert [line.split()[0] for line in lines] == ["cleanclip", "mmcl", "ssl", "heavy-wd", "shrink-perturb",
-                                                   "deep-clustering"]
+                                                   "deep-clustering", "par"]
 
 
 @pytest.mark.parametrize("name, weights", [
     ("cleanclip", (1.0, 1.0)), ("mmcl", (1.0, 0.0)), ("ssl", (0.0, 1.0)), ("heavy-wd", (1.0, 1.0)),
-    ("shrink-perturb", (1.0, 1.0)), ("deep-clustering", (1.0, 1.0))])
+    ("shrink-perturb", (1.0, 1.0)), ("deep-clustering", (1.0, 1.0)), ("par", (1.0, 0.0))])
 def test_objective_weights_by_method(name, weights):
     cfg = cleaning.build_recipe(name).apply_to_config(TrainConfig())
     assert (cfg.objective.mmcl_weight, cfg.objective.ssl_weight) == weights

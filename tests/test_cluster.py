@@ -146,6 +146,12 @@ def test_debug_executor_runs_a_study_with_a_cleaning_array(tmp_path, caplog):
         assert not (tmp_path / "s" / name / "claim.json").exists()  # released when done
 
 
+def epochs_done(run_dir: Path) -> int:
+    """The epochs in a run's metrics.jsonl so far (latest.pt may wait checkpoint_interval_s)."""
+    path = run_dir / "metrics.jsonl"
+    return max((r["epoch"] for r in read_jsonl(path)), default=0) if path.is_file() else 0
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -169,7 +175,7 @@ def test_two_process_job_preempted_requeued_and_resumed(tmp_path):
     assert spec_settings.pretrain.tasks_per_node == 2
     [job] = executor.submit([(run, True)])
     try:
-        _wait_for(lambda: (run_dir / "checkpoints/latest.pt").is_file(), 240, "the first epoch")
+        _wait_for(lambda: epochs_done(run_dir) >= 1, 240, "the first epoch")
         # what SLURM (and submitit's local controller) does signal_delay_s before the time limit:
         # SIGUSR2 to every task of the job
         tasks = subprocess.run(["pgrep", "-P", str(job.ref._process.pid)], capture_output=True, text=True)
@@ -256,7 +262,7 @@ def test_sigterm_stops_a_local_study_and_a_rerun_resumes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: (root / "pretrain/mmcl,seed=0/checkpoints/latest.pt").is_file(), 240, "epoch 1")
+        _wait_for(lambda: epochs_done(root / "pretrain/mmcl,seed=0") >= 1, 240, "epoch 1")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:

@@ -3,18 +3,10 @@ objectives, every cleaning method, the k-poison variant) in parallel workers and
 
 import csv
 
-import pytest
-
-from clip_backdoor.cli import main as cli
 from clip_backdoor.study.runner import RESULT_COLUMNS
 from clip_backdoor.study.spec import expand, load_spec
 
-
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "quick"
-    code = cli(["demo", "--quick", "--out", str(out)])
-    return code, out
+# quick_demo (tests/conftest.py): the demo runs once per session; the browser and status tests read it too.
 
 
 def test_quick_demo_writes_results_and_report(quick_demo, capsys):

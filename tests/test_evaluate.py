@@ -641,3 +641,43 @@ def test_synthetic_eval_views_are_the_rendered_square_images():
         clean, to_trigger, label = eval_set.views(i)
         image, same_label = eval_set[i]
         assert label == same_label and torch.equal(clean, image) and torch.equal(to_trigger, image)
+
+
+# --------------------------------------------------------------------------------------------
+# A prepared evaluation set: rendered and triggered once, the same numbers
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attacked", [True, False])
+def test_prepared_eval_gives_exactly_the_streamed_numbers(tiny, attacked):
+    from clip_backdoor.data.classification import open_eval_set
+    from clip_backdoor.evaluate import PreparedEval
+
+    eval_set = open_eval_set({"kind": "synthetic", "n": 70, "val_n": 30}, 32)  # batches of 32: ragged
+    trigger = get_trigger("badnet", size=8) if attacked else None
+    target = "banana" if attacked else None
+    prepared = PreparedEval(eval_set, trigger, 3, target)
+    kwargs = dict(target=target, trigger=trigger, seed=3, batch_size=32)
+    streamed = evaluate_model(tiny, eval_set, **kwargs)
+    assert evaluate_model(tiny, prepared, **kwargs) == streamed  # bit for bit, validation split too
+    assert "val_acc1" in streamed and len(prepared) == 100
+    assert torch.equal(prepared[5][0], eval_set[5][0])
+    if attacked:
+        with pytest.raises(ValueError, match="another trigger, seed or target"):
+            evaluate_model(tiny, prepared, **{**kwargs, "seed": 4})
+
+
+def test_the_loop_prepares_its_eval_set_once_per_process(monkeypatch):
+    from clip_backdoor.config import TrainConfig, load_config
+    from clip_backdoor.evaluate import PreparedEval
+    from clip_backdoor.train import loop
+
+    monkeypatch.setattr(loop, "_PREPARED", {})
+    cfg = load_config(TrainConfig, None, ["eval.n=40"])
+    a, trigger = loop._eval_parts(cfg, 32)
+    b, _ = loop._eval_parts(cfg, 32)
+    assert isinstance(a, PreparedEval) and a is b and a.same_attack(trigger, 0, "banana")
+    c, _ = loop._eval_parts(load_config(TrainConfig, None, ["eval.n=40", "eval.seed=1"]), 32)
+    assert c is not a  # another trigger seed: other triggered images
+    monkeypatch.setattr(PreparedEval, "MAX_BYTES", 1000)  # too big to keep: streamed as before
+    monkeypatch.setattr(loop, "_PREPARED", {})
+    d, _ = loop._eval_parts(cfg, 32)
+    assert not isinstance(d, PreparedEval)

@@ -349,8 +349,11 @@ def test_train_step_benchmark_smoke(tmp_path):
     finally:
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
-    mmcl, both = result["runs"]
+    ours = [r for r in result["runs"] if r["impl"] == "ours"]
+    assert [r["impl"] for r in result["runs"]] == ["ours", "reference"] * 2  # timed in the same rounds
+    mmcl, both = ours
     assert (mmcl["objective"], both["objective"]) == ("mmcl", "mmcl+ssl")
+    assert "speed-up over the eager reference, mmcl fp32" in result["checks"]
     assert both["images_per_step"] == 2 * mmcl["images_per_step"] == 8
     # Two views of everything: the counted work doubles (the logit matrices are a rounding error).
     assert 1.9 < both["gflop_per_step"] / mmcl["gflop_per_step"] < 2.1

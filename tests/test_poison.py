@@ -518,7 +518,9 @@ def test_preview_and_list(tmp_path, capsys):
                 "--trigger-param", "mode=wrap"]) == 0
     image = Image.open(path)
     cell = SIZE * 3  # small images are enlarged to about 96 px
-    assert image.size == (150 + 3 * (cell + 4) + 4, 7 * (cell + 4) + 4)  # clean + 5 triggers + wanet diff
+    # clean + 9 triggers usable with their defaults (not badclip: it needs a patch file) + 2 diff rows
+    assert image.size == (150 + 3 * (cell + 4) + 4, 12 * (cell + 4) + 4)
     assert run(["--list-triggers"]) == 0
     listed = capsys.readouterr().out
-    assert all(name in listed for name in ("badnet", "patch", "blended", "sig", "wanet"))
+    assert all(name in listed for name in ("badnet", "patch", "blended", "sig", "wanet", "badnet-stripes",
+                                           "blended-stripes", "blended-triangles", "blended-text", "badclip"))

@@ -143,7 +143,7 @@ def assert_same_run(a_dir, b_dir):
 
 
 # A child process running a tiny pretrain through the CLI. With --slow-save every checkpoint is
-# written in 20 pieces over ~0.4 s, so the parent can kill it while it is inside torch.save.
+# written in 20 pieces over ~1 s, so the parent can kill it while it is inside torch.save.
 CHILD = """
 import io, sys, time
 import torch
@@ -157,7 +157,7 @@ if sys.argv[1] == "--slow-save":
             for i in range(20):
                 f.write(data[i * len(data) // 20:(i + 1) * len(data) // 20])
                 f.flush()
-                time.sleep(0.02)
+                time.sleep(0.05)
     torch.save = slow_save
 from clip_backdoor.cli import main
 sys.exit(main(sys.argv[2:]))
@@ -192,14 +192,14 @@ def temp_files(run_dir):
 def test_kill_during_a_checkpoint_write_then_resume_is_exact_and_leaves_no_temp_file(tmp_path, seed):
     rng = random.Random(seed)
     target = rng.randint(1, 3)  # which of epoch_1, latest (1), epoch_2 to interrupt
-    delay = rng.uniform(0.0, 0.3)  # how far into that ~0.4 s write
+    delay = rng.uniform(0.0, 0.3)  # how far into that ~1 s write
     run = ["epochs=2", "eval.every=0"]  # MMCL, no eval: test_resume_is_exact covers the SSL views and eval
     cut = tmp_path / "cut"
     proc = start_child(cut, *run, slow_save=True)
     seen: set[str] = set()
 
-    def writes_started():
-        seen.update(p.name for p in temp_files(cut))
+    def writes_started():  # checkpoint writes only (config.yaml and metrics.jsonl are atomic too)
+        seen.update(p.name for p in temp_files(cut) if ".pt." in p.name)
         return len(seen) >= target
 
     wait_for(writes_started, proc)
@@ -670,3 +670,77 @@ def test_a_warm_up_longer_than_the_run_is_one_warning(tmp_path, caplog):
                         "up (to 8% of optim.lr) and never reaches its cosine decay; lower "
                         "optim.warmup_steps or train longer"]
     assert metrics(tmp_path / "w")[0]["lr"] == pytest.approx(2e-3 * 4 / 50)
+
+
+def test_epoch_zero_of_a_grid_is_evaluated_once_per_process(pretrained, tmp_path, monkeypatch):
+    """Every cleaning run of a grid starts from the same checkpoint: its epoch-0 evaluation is reused
+    (identical numbers), but never for a method that changes the weights first."""
+    from clip_backdoor.train import loop
+
+    monkeypatch.setattr(loop, "_START_EVALS", {})
+    calls = []
+    real = loop._evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_evaluate", counting)
+    ckpt = pretrained / "checkpoints" / "latest.pt"
+    common = ["--checkpoint", str(ckpt), "--epochs", "1", "eval.every=0", *SMALL]
+    assert cli(["clean", "--method", "mmcl", "--run-dir", str(tmp_path / "a"), "--lr", "1e-4", *common]) == 0
+    assert cli(["clean", "--method", "cleanclip", "--run-dir", str(tmp_path / "b"), *common]) == 0
+    assert len(calls) == 1 + 0  # the second run's epoch 0 came from the first (no other evaluations)
+    assert metrics(tmp_path / "a")[0] | {"method": None} == metrics(tmp_path / "b")[0] | {"method": None}
+    assert cli(["clean", "--method", "shrink-perturb", "--run-dir", str(tmp_path / "c"), *common]) == 0
+    assert len(calls) == 2  # the shrunk model is evaluated for real
+    assert metrics(tmp_path / "c")[0]["init"] == "transformed"
+
+
+def test_latest_checkpoint_interval_skips_writes_and_resume_stays_exact(tmp_path, monkeypatch):
+    """With checkpoint_interval_s, a short run writes latest.pt at its last epoch only; killed while
+    saving that one, it resumes from scratch and ends exactly like an uninterrupted run."""
+    import clip_backdoor.train.loop as loop
+
+    writes = []
+    real_save = loop.save_checkpoint
+    def save(path, ckpt):
+        writes.append((path.name, ckpt["epoch"]))
+        real_save(path, ckpt)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    args = ("epochs=3", "eval.every=0", "save_every=0", "checkpoint_interval_s=3600")
+    train(cfg_for(tmp_path / "full", *args))
+    assert writes == [("latest.pt", 3)]
+    writes.clear()
+    train(cfg_for(tmp_path / "every", "epochs=3", "eval.every=0", "save_every=0"))
+    assert writes == [("latest.pt", 1), ("latest.pt", 2), ("latest.pt", 3)]  # 0: every epoch, as before
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        kill_when_checkpointing(m, epoch=3)
+        train(cfg_for(tmp_path / "cut", *args))
+    assert [r["epoch"] for r in metrics(tmp_path / "cut")] == [1, 2, 3]
+    assert not (tmp_path / "cut" / "checkpoints" / "latest.pt").exists()
+    train(cfg_for(tmp_path / "cut", *args))  # no checkpoint: a fresh start owns the metrics
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_align_grad_layouts_restrides_only_1x1_weights_and_changes_no_value():
+    from clip_backdoor.models import create_model
+    from clip_backdoor.train.checkpoint import plain
+    from clip_backdoor.train.distributed import align_grad_layouts
+
+    model = create_model("tiny", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one_by_one = [n for n, p in model.named_parameters() if p.ndim == 4 and p.shape[2:] == (1, 1)]
+    assert align_grad_layouts(model) == len(one_by_one) > 0 and align_grad_layouts(model) == 0
+    params = dict(model.named_parameters())
+    for name in one_by_one:
+        c = params[name].shape[1]
+        assert params[name].stride() == (c, 1, c, c)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    saved = plain(model.state_dict())
+    assert all(v.stride() == torch.empty(v.shape).stride() for v in saved.values() if v.ndim)
+    # the gradient of a 1x1 convolution on channels-last input now has the weight's strides
+    out = model(image=torch.randn(2, 3, 32, 32), text=torch.randint(1, 100, (2, 16)))
+    out["image_features"].sum().backward()
+    assert all(params[n].grad.stride() == params[n].stride() for n in one_by_one)

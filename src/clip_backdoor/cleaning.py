@@ -10,6 +10,7 @@ inherited); here ``heavy-wd`` refuses ``optimizer_state=inherit``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from typing import Any
@@ -30,12 +31,13 @@ class CleaningRecipe(Recipe):
     summary = ""
     paper = ""
     defaults: dict[str, Any] = {}
+    what = "method"  # how errors name the recipe ("defense" for a pre-training defence)
 
     def __init__(self, **params: Any):
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             valid = ", ".join(f"--{k.replace('_', '-')}" for k in self.defaults) or "none"
-            raise UserError(f"method {self.name}: unknown parameter --{unknown[0].replace('_', '-')} "
+            raise UserError(f"{self.what} {self.name}: unknown parameter --{unknown[0].replace('_', '-')} "
                             f"(it takes: {valid})")
         self.params = {**self.defaults}
         for key, value in params.items():
@@ -43,14 +45,15 @@ class CleaningRecipe(Recipe):
             try:
                 value = type(default)(value) if not isinstance(default, bool) else _to_bool(value)
             except (TypeError, ValueError):
-                raise UserError(f"method {self.name}: --{key.replace('_', '-')} expects a "
+                raise UserError(f"{self.what} {self.name}: --{key.replace('_', '-')} expects a "
                                 f"{type(default).__name__}, got {value!r}") from None
             self.params[key] = value
         for key, value in self.params.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and (
                     value < 0 or not math.isfinite(value)):
                 flag = key.replace("_", "-")
-                raise UserError(f"method {self.name}: --{flag} must be a finite number >= 0, got {value}")
+                raise UserError(f"{self.what} {self.name}: --{flag} must be a finite number >= 0, "
+                                f"got {value}")
         self.validate()
 
     def validate(self) -> None:
@@ -297,9 +300,14 @@ class DeepClustering(CleaningRecipe):
 
 
 @torch.no_grad()
-def embed_images(model, loader, device, env) -> tuple[list[str], torch.Tensor]:
+def embed_images(model, loader, device, env, *,
+                 pair_similarity: bool = False) -> tuple[list[str], torch.Tensor]:
     """Normalised image embeddings of every sample the loader yields (gathered over ranks), sorted by
-    row id: the order, and so the k-means seeding, is the same whatever the number of ranks."""
+    row id: the order, and so the k-means seeding, is the same whatever the number of ranks.
+
+    ``pair_similarity=True`` keeps each sample's image–caption cosine similarity instead ([N]: a pass
+    over 3M pairs then holds 3M numbers, not 3M embeddings).
+    """
     from clip_backdoor.data.transforms import normalize
 
     was_training = model.training
@@ -307,7 +315,11 @@ def embed_images(model, loader, device, env) -> tuple[list[str], torch.Tensor]:
     ids, feats = [], []
     for batch in loader:
         x = normalize(batch["images"].to(device).float().div_(255))
-        feats.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
+        u = F.normalize(model.encode_image(x).float(), dim=-1)
+        if pair_similarity:
+            v = F.normalize(model.encode_text(batch["texts"].to(device)).float(), dim=-1)
+            u = (u * v).sum(dim=-1)
+        feats.append(u.cpu())
         ids.extend(batch["row_ids"])
     model.train(was_training)
     feats_t = torch.cat(feats)
@@ -360,8 +372,214 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int, *,
     return (x @ centroids.T).argmax(dim=1), centroids
 
 
+class PerturbAndRecover(CleaningRecipe):
+    """PAR (Singh, Croce, Hein 2024; ``nmndeep/PerturbAndRecover``): L = L_CLIP − w·(cap(D_img) + cap(D_txt)).
+
+    D_img is the batch mean of ‖u − a‖² between the unit image embeddings of the model being cleaned
+    (u) and of a frozen copy of the starting checkpoint (a), on the same augmented images; D_txt the
+    same for the captions. cap(D) = 0 once D > τ (one decision per global batch, as the reference's
+    ``threshold_tensor`` on the batch mean), so the model is pushed away from the poisoned one until
+    it is τ away, while L_CLIP keeps it a CLIP model. What the reference does, kept here:
+
+    * the anchor is the poisoned model in eval mode (BatchNorm running statistics), never updated;
+      it sees exactly the student's inputs (augmented images, captions) under no_grad;
+    * L_CLIP uses the learned temperature as a constant (the reference passes ``.item()``), so the
+      logit scale stays at the starting model's value: it is frozen (``requires_grad=False``);
+    * augmentation per image: with p 0.5 add clip(N(0, 0.2²), 0, 1) (only brightening: the noise is
+      clipped *before* it is added; ``noise_sign=both`` adds plain N(0, 0.2²)), clamp to [0, 1]; then
+      with p 0.5 erase a square of 0.5–1% of the area to 0 after CLIP normalisation (= the CLIP mean);
+      the reference's erasing only accepts h, w < side − 4;
+    * AdamW β (0.9, 0.98), weight decay 1e-4, no decay on biases, norms and other 1-D parameters
+      (chosen here by module type: embeddings, which the reference decays, are not decayed);
+    * ``schedule=reference``: the lr goes *linearly down* from 10 × lr to lr over the first half of the
+      steps ("warm-up" from ``--lr-start 3e-5`` to the "peak" ``--lr 3e-6``), then a cosine to 1e-9.
+      That warm-up from a higher value looks like a slip (its help text calls 3e-6 the peak), so
+      ``schedule=warmup`` offers the toolkit's linear warm-up from ~0 (``optim.warmup_steps``) and
+      cosine to 0. The reference's schedule array is one step per epoch longer than its run
+      (``niter_per_ep = loader_len + 1``); here it spans the run's real number of steps.
+
+    Not copied: the reference's mid-epoch evaluation leaves the student in eval mode for the rest of
+    the epoch, and its evaluation images get the training augmentation.
+    """
+
+    name = "par"
+    summary = "Perturb and Recover: CLIP loss − ½·(image, text distances to the frozen start, capped at τ)"
+    paper = ("τ = 2.15, w = ½; lr 3e-6 (start 3e-5, end 1e-9, 'warm-up' over half the run), "
+             "AdamW β (0.9, 0.98), wd 1e-4; global batch 2048, 2 epochs, 250K pairs (CC3M or synthetic)")
+    defaults = {"threshold": 2.15, "distance_weight": 0.5, "noise_std": 0.2, "noise_p": 0.5,
+                "noise_sign": "positive", "erase_p": 0.5, "erase_min": 0.005, "erase_max": 0.01,
+                "schedule": "reference",
+                "start_lr_factor": 10.0, "end_lr": 1e-9, "warmup_fraction": 0.5, "weight_decay": 1e-4}
+    choices = {"noise_sign": ("positive", "both"), "schedule": ("reference", "warmup")}
+
+    def validate(self) -> None:
+        p = self.params
+        if p["threshold"] <= 0:
+            raise UserError(f"method {self.name}: --threshold must be > 0 (a squared distance between unit "
+                            f"vectors lies in [0, 4]), got {p['threshold']}")
+        for key, allowed in self.choices.items():
+            if p[key] not in allowed:
+                raise UserError(f"method {self.name}: --{key.replace('_', '-')} {p[key]!r} is not one of "
+                                f"{', '.join(allowed)}")
+        for key in ("noise_p", "erase_p"):
+            if p[key] > 1:
+                flag = key.replace("_", "-")
+                raise UserError(f"method {self.name}: --{flag} is a probability, got {p[key]}")
+        if not 0 < p["erase_min"] <= p["erase_max"] < 1:
+            raise UserError(f"method {self.name}: need 0 < --erase-min <= --erase-max < 1 (fractions of the "
+                            f"image area), got {p['erase_min']} and {p['erase_max']}")
+        if p["warmup_fraction"] >= 1:
+            raise UserError(f"method {self.name}: --warmup-fraction must be < 1, got {p['warmup_fraction']}")
+        if p["start_lr_factor"] <= 0:
+            raise UserError(f"method {self.name}: --start-lr-factor must be > 0")
+
+    def objective_weights(self):
+        return 1.0, 0.0  # L_CLIP only; the distance terms come from extra_losses
+
+    def optim_settings(self):
+        owned = {"weight_decay": self.params["weight_decay"], "beta1": 0.9, "beta2": 0.98}
+        if self.params["schedule"] == "reference":
+            owned["warmup_steps"] = 0  # its warm-up is warmup_fraction of the run, not optim.warmup_steps
+        return owned
+
+    # -- the loop's hooks ----------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, ctx: RunContext) -> None:
+        """The anchor is the *starting* checkpoint, on a fresh start and after a resume alike."""
+        from clip_backdoor.weights import model_from_checkpoint
+
+        if not ctx.cfg.init_checkpoint:
+            raise UserError(f"method {self.name}: needs the starting checkpoint (init_checkpoint): it is the "
+                            "frozen anchor")
+        anchor, _ = model_from_checkpoint(ctx.cfg.init_checkpoint, device="cpu")
+        self.anchor = anchor.to(ctx.device).eval().requires_grad_(False)
+        self.anchor_sha256 = state_fingerprint(self.anchor)
+        model.logit_scale.requires_grad_(False)  # the reference's L_CLIP reads the scale as a constant
+
+    def state_dict(self) -> dict:
+        return {"anchor_sha256": self.anchor_sha256}
+
+    def load_state_dict(self, state: dict) -> None:
+        recorded = state.get("anchor_sha256")
+        if recorded and recorded != self.anchor_sha256:
+            raise UserError(f"method {self.name}: the starting checkpoint has changed since this run began "
+                            "(its anchor would differ); start the run over (resume=false)")
+
+    def learning_rate(self, step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> float:
+        if self.params["schedule"] == "warmup":
+            return super().learning_rate(step, base_lr=base_lr, warmup_steps=warmup_steps,
+                                         total_steps=total_steps)
+        p = self.params
+        return par_lr(step, total_steps, peak_lr=base_lr, start_lr=base_lr * p["start_lr_factor"],
+                      end_lr=p["end_lr"], warmup_fraction=p["warmup_fraction"])
+
+    def transform_images(self, images: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        from clip_backdoor.train.loop import step_seed
+
+        g = torch.Generator().manual_seed(step_seed(ctx.cfg.seed, ctx.step, ctx.env.rank) ^ _PAR_SALT)
+        p = self.params
+        return par_augment(images, g, noise_std=p["noise_std"], noise_p=p["noise_p"],
+                           noise_sign=p["noise_sign"], erase_p=p["erase_p"],
+                           erase_scale=(p["erase_min"], p["erase_max"]))
+
+    @torch.no_grad()
+    def extra_forward(self, inputs: dict, ctx: RunContext) -> dict:
+        out = self.anchor(image=inputs["image"], text=inputs["text"])
+        return {"anchor_image_features": out["image_features"], "anchor_text_features": out["text_features"]}
+
+    def extra_losses(self, outputs: dict, batch: dict, ctx: RunContext) -> dict[str, torch.Tensor]:
+        from clip_backdoor.objectives import all_gather_with_grad
+
+        views = [outputs[k].float() for k in ("image_features", "text_features", "anchor_image_features",
+                                              "anchor_text_features")]
+        widths = [v.shape[1] for v in views]
+        # The global batch, like L_CLIP: one cap decision per step on every rank.
+        u, v, u0, v0 = all_gather_with_grad(torch.cat(views, dim=1)).split(widths, dim=1)
+        return par_terms(u, v, u0, v0, threshold=self.params["threshold"],
+                         weight=self.params["distance_weight"])
+
+
+_PAR_SALT = 0x50415220  # "PAR ": its augmentation draws differ from the SSL view's at the same step
+
+
+def squared_distance(x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Batch mean of the summed squared difference, mean_i ‖x_i − anchor_i‖² (the reference's ``l2``)."""
+    return (x - anchor).pow(2).sum(dim=1).mean()
+
+
+def cap(distance: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``distance``, or 0 (no gradient) once it exceeds ``threshold`` (the reference's strict ``>``)."""
+    return torch.where(distance > threshold, torch.zeros_like(distance), distance)
+
+
+def par_terms(u, v, u0, v0, *, threshold: float, weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """PAR's terms added to L_CLIP: −w·cap(D_img), −w·cap(D_txt), and the distances (logged only)."""
+    d_img, d_txt = squared_distance(u, u0), squared_distance(v, v0)
+    return {"loss_par_image": -weight * cap(d_img, threshold),
+            "loss_par_text": -weight * cap(d_txt, threshold),
+            "stat_par_dist_image": d_img.detach(), "stat_par_dist_text": d_txt.detach()}
+
+
+def par_lr(step: int, total_steps: int, *, peak_lr: float, start_lr: float, end_lr: float,
+           warmup_fraction: float) -> float:
+    """The reference's ``cosine_scheduler``: W = int(fraction · T) steps of ``linspace(start, peak, W)``,
+    then ``end + ½(peak − end)(1 + cos(π i / (T − W)))`` for i = 0 … T − W − 1."""
+    warmup = int(warmup_fraction * total_steps)
+    if step < warmup:
+        return start_lr if warmup == 1 else start_lr + (peak_lr - start_lr) * step / (warmup - 1)
+    decay = max(1, total_steps - warmup)
+    return end_lr + 0.5 * (peak_lr - end_lr) * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+
+
+def par_augment(images: torch.Tensor, generator: torch.Generator, *, noise_std: float = 0.2,
+                noise_p: float = 0.5, noise_sign: str = "positive", erase_p: float = 0.5,
+                erase_scale: tuple[float, float] = (0.005, 0.01)) -> torch.Tensor:
+    """PAR's training augmentation of float [0, 1] images ``[B, 3, H, W]`` (a new tensor).
+
+    Per image, in this draw order: a coin for the noise, the noise (always drawn, so an image's draws
+    do not depend on the coin), a coin for erasing, the erased area, its top and left. Noise:
+    x + clip(N(0, σ²), 0, 1) (``positive``, the reference) or x + N(0, σ²) (``both``), clamped to
+    [0, 1]. Erasing: a square of side round(√(area · U(erase_scale))) set to the CLIP mean, which is 0
+    after normalisation (the reference erases with value 0 after ``Normalize``); a side must be
+    < image side − 4 (the reference's tweak of torchvision's bound), else up to 10 redraws, then none.
+    """
+    from clip_backdoor.data.transforms import CLIP_MEAN
+
+    out = images.clone()
+    batch, _, height, width = images.shape
+    mean = torch.tensor(CLIP_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    for b in range(batch):
+        apply_noise = torch.rand(1, generator=generator).item() < noise_p
+        noise = torch.randn((3, height, width), generator=generator) * noise_std
+        if apply_noise:
+            if noise_sign == "positive":
+                noise = noise.clamp(0, 1)
+            out[b] = (out[b] + noise.to(images.device, images.dtype)).clamp(0, 1)
+        if torch.rand(1, generator=generator).item() < erase_p:
+            for _ in range(10):
+                area = height * width * torch.empty(1).uniform_(*erase_scale, generator=generator).item()
+                side = int(round(math.sqrt(area)))
+                if not (side < height - 4 and side < width - 4):
+                    continue
+                top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+                out[b, :, top:top + side, left:left + side] = mean
+                break
+    return out
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state (names, shapes, bytes): the anchor a run started from."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 RECIPES: dict[str, type[CleaningRecipe]] = {
-    r.name: r for r in (CleanCLIP, MMCLOnly, SSLOnly, HeavyWeightDecay, ShrinkPerturb, DeepClustering)
+    r.name: r for r in (CleanCLIP, MMCLOnly, SSLOnly, HeavyWeightDecay, ShrinkPerturb, DeepClustering,
+                        PerturbAndRecover)
 }
 
 

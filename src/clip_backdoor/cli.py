@@ -18,10 +18,12 @@ from clip_backdoor.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("clip_backdoor.data.world", "generate or materialise the synthetic caption world"),
     "poison": ("clip_backdoor.attacks.poison", "poison a caption dataset; cleaning sets; previews"),
-    "pretrain": ("clip_backdoor.train.commands", "pre-train CLIP (mmcl | mmcl+ssl | ssl)"),
+    "pretrain": ("clip_backdoor.train.commands", "pre-train CLIP (mmcl | mmcl+ssl | ssl); --defense"),
     "clean": ("clip_backdoor.train.commands", "fine-tune a checkpoint with a cleaning method"),
     "evaluate": ("clip_backdoor.evaluate", "zero-shot accuracy and attack success rate"),
-    "export": ("clip_backdoor.train.checkpoint", "export checkpoint weights (safetensors)"),
+    "detect": ("clip_backdoor.detection", "score training pairs as poisoned (k-dist, LID, DAO), AUROC"),
+    "inspect": ("clip_backdoor.card", "say what a checkpoint is: model, stage, data, poisoning, metrics"),
+    "export": ("clip_backdoor.train.checkpoint", "export weights (safetensors), card.json, open_clip config"),
     "study": ("clip_backdoor.study.runner", "run or report a study described by one YAML file"),
     "demo": ("clip_backdoor.demo", "the end-to-end demo on the synthetic world"),
 }

@@ -117,6 +117,8 @@ class TrainConfig:
     optimizer_state: str = "fresh"  # fresh | inherit (reference compat: keep the checkpoint's moments)
     method: str | None = None  # cleaning recipe name (clip_backdoor.cleaning); None = plain run
     method_params: dict = field(default_factory=dict)
+    defense: str | None = None  # pre-training defence (clip_backdoor.defenses): safeclip | roclip | None
+    defense_params: dict = field(default_factory=dict)
     epochs: int = 5
     # The *global* batch: under torchrun each of the W ranks takes batch_size / W (it must divide), as
     # in the reference, so the paper's 2048 / 1024 mean the same whatever the launch.
@@ -130,10 +132,16 @@ class TrainConfig:
     save_epochs: list = field(default_factory=list)  # ... and after each of these epochs (e.g. to clean from)
     save_every_steps: int = 0  # also write an exact mid-epoch latest.pt every N steps (0 = never)
     stop_epoch: int | None = None  # pause after this epoch; the lr schedule stays that of `epochs`
+    # latest.pt (resume only) is rewritten at an epoch's end once this many seconds have passed since
+    # the last write (0: every epoch); the last epoch's is always written. Results never depend on it.
+    checkpoint_interval_s: float = 0.0
     resume: bool = True  # continue from run_dir/checkpoints/latest.pt when present
     # Resuming with another `epochs` changes the cosine schedule of the remaining steps: an error
     # unless this is set (the schedule of the new count is then used from the resume point on).
     allow_epochs_change: bool = False
+    # Also report scalars to: tensorboard (losses and lr per step, every metric per epoch, into
+    # run_dir/tensorboard/; needs the [tensorboard] extra). None = metrics.jsonl only.
+    report_to: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -141,7 +149,7 @@ class TrainConfig:
 
     BOUNDS: ClassVar[dict[str, str]] = {"epochs": ">= 1", "batch_size": ">= 1", "threads": ">= 1",
                                         "seed": ">= 0", "save_every": ">= 0", "save_every_steps": ">= 0",
-                                        "stop_epoch": ">= 1"}
+                                        "stop_epoch": ">= 1", "checkpoint_interval_s": ">= 0"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,18 @@ def attack_success(logits_triggered: torch.Tensor, labels: torch.Tensor, target_
     return int(hits), int(non_target.sum())
 
 
+# An ASR at or below this is what a model without the backdoor scores (a clean model sends a few
+# non-target images to the target by mistake): the backdoor was not learned. The study report's
+# warning and the line that ends `pretrain` / `clean` share this one rule.
+NOT_LEARNED_ASR = 0.05
+_ASR_SLACK = 1e-9  # ASR is a ratio of counts: keep "exactly the threshold" inside despite rounding
+
+
+def backdoor_not_learned(asr1: float, threshold: float = NOT_LEARNED_ASR) -> bool:
+    """True when a (poisoned) model's top-1 ASR is no higher than a clean model's rate."""
+    return asr1 <= threshold + _ASR_SLACK
+
+
 def robust_correct(logits_triggered: torch.Tensor, labels: torch.Tensor,
                    target_index: int) -> tuple[int, int]:
     """(hits, denominator) of robust accuracy: non-target rows still top-1 correct under the trigger."""
@@ -190,6 +202,65 @@ class TriggeredEvalSet(Dataset):
         return image, apply_trigger_uint8(to_trigger, self.trigger, generator), label
 
 
+class PreparedEval:
+    """An evaluation set whose images are decoded (or rendered) and triggered once, as uint8 tensors.
+
+    Evaluation runs after every epoch of every run on the same images with the same seeded triggers,
+    so the training loop prepares them once and every evaluation (of this run, and of other runs in
+    the same process with the same set) only runs the model. It yields exactly the batches the
+    streaming path would (same order, same batch boundaries), so the numbers are bit-identical.
+    """
+
+    # Past this the set stays streamed (ImageNet val at 224 px would be ~15 GB of uint8 pixels).
+    MAX_BYTES = 512 * 2**20
+
+    def __init__(self, eval_set: Any, trigger: Any = None, seed: int = 0, target: str | int | None = None):
+        self.classes, self.templates = list(eval_set.classes), list(eval_set.templates)
+        self.val_from = getattr(eval_set, "val_from", None)
+        self.trigger, self.seed, self.target = trigger, seed, target
+        self.attacked = trigger is not None
+        skip = None
+        if self.attacked:
+            from clip_backdoor.data.classification import resolve_class
+
+            skip = resolve_class(self.classes, target)
+            triggered = TriggeredEvalSet(eval_set, trigger, seed, skip_label=skip)
+            items = [triggered[i] for i in range(len(eval_set))]
+        else:
+            items = [eval_set[i] for i in range(len(eval_set))]
+        self.images = torch.stack([item[0] for item in items])
+        self.triggered = torch.stack([item[1] for item in items]) if self.attacked else None
+        self.labels = torch.tensor([int(item[-1]) for item in items], dtype=torch.long)
+
+    @staticmethod
+    def fits(eval_set: Any) -> bool:
+        """Whether the set is small enough to keep in memory (clean + triggered views)."""
+        if len(eval_set) == 0:
+            return False
+        image = eval_set[0][0]
+        return 2 * len(eval_set) * image.numel() * image.element_size() <= PreparedEval.MAX_BYTES
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple:
+        if self.attacked:
+            return self.images[index], self.triggered[index], int(self.labels[index])
+        return self.images[index], int(self.labels[index])
+
+    def same_attack(self, trigger: Any, seed: int, target: str | int | None) -> bool:
+        same_trigger = trigger is self.trigger or trigger == self.trigger
+        return same_trigger and seed == self.seed and target == self.target
+
+    def batches(self, batch_size: int) -> Iterator[tuple]:
+        for start in range(0, len(self), batch_size):
+            end = start + batch_size
+            if self.attacked:
+                yield self.images[start:end], self.triggered[start:end], self.labels[start:end]
+            else:
+                yield self.images[start:end], self.labels[start:end]
+
+
 # --------------------------------------------------------------------------------------------
 # The evaluation
 # --------------------------------------------------------------------------------------------
@@ -230,12 +301,18 @@ def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int |
                                       batch_size=batch_size, precision=precision)
     classifier = classifier.to(device)
 
-    dataset = TriggeredEvalSet(eval_set, trigger, seed, skip_label=target_index) if attacked else eval_set
-    from clip_backdoor.data.loader import ignore_stop_signals  # a job's stop signal is the trainer's
+    if isinstance(eval_set, PreparedEval):  # rendered and triggered once; only the model runs here
+        if not eval_set.same_attack(trigger, seed, target):
+            raise ValueError("this prepared evaluation set was triggered with another trigger, seed or "
+                             "target")
+        loader = eval_set.batches(batch_size)
+    else:
+        from clip_backdoor.data.loader import ignore_stop_signals  # a job's stop signal is the trainer's
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.device(device).type == "cuda",
-                        worker_init_fn=ignore_stop_signals if workers else None)
+        dataset = TriggeredEvalSet(eval_set, trigger, seed, skip_label=target_index) if attacked else eval_set
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                            pin_memory=torch.device(device).type == "cuda",
+                            worker_init_fn=ignore_stop_signals if workers else None)
     if progress:
         from tqdm import tqdm
 

@@ -15,6 +15,12 @@ dict holding only tensors, dicts, lists, str, int, float, bool and None, so that
       "scaler": dict | None,    # GradScaler state (fp16), else None
       "rng": dict | None,       # RNG states as tensors / ints (never numpy objects)
       "config": dict,           # the resolved run config
+      # what the run is, for `clip-backdoor inspect` (clip_backdoor.card; absent in older checkpoints):
+      "version": str,           # the toolkit version that wrote it
+      "data": dict,             # training data: kind, path, num_samples, poisoning (poison.json facts)
+      "method": dict | None,    # cleaning method and its resolved parameters
+      "start": dict | None,     # cleaning: the starting checkpoint's path, epoch, data and metrics
+      "metrics": dict,          # this epoch's metrics.jsonl line
     }
 
 A **plain state dict** (``{name: tensor}``; a ``.pt`` file, a ``.safetensors`` file, or an open_clip

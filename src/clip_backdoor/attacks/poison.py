@@ -53,6 +53,7 @@ from clip_backdoor.attacks.manifest import (
     read_manifest,
 )
 from clip_backdoor.attacks.triggers import (
+    TRIGGERS,
     Trigger,
     apply_trigger_uint8,
     get_trigger,
@@ -550,7 +551,7 @@ def _check_out_dir(out: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 def preview_triggers(images: Sequence[torch.Tensor], triggers: Sequence[Trigger], path: str | os.PathLike,
-                     seed: int = 0, diff_for: Sequence[str] = ("wanet",)) -> Path:
+                     seed: int = 0, diff_for: Sequence[str] = ("wanet", "blended-stripes")) -> Path:
     """A PNG grid: clean images in the first row, then one row per trigger (same images, seeded).
 
     Triggers too subtle to see (``diff_for``) get an extra row of ``|triggered - clean| x 10``.
@@ -587,7 +588,9 @@ def preview_triggers(images: Sequence[torch.Tensor], triggers: Sequence[Trigger]
 
 
 def _short_label(trigger: Trigger) -> str:
-    interesting = {"badnet": "mode", "patch": "pattern", "blended": "noise", "sig": "combine", "wanet": "k"}
+    interesting = {"badnet": "mode", "patch": "pattern", "blended": "noise", "sig": "combine", "wanet": "k",
+                   "badnet-stripes": "stripes", "blended-stripes": "alpha", "blended-triangles": "alpha",
+                   "blended-text": "alpha"}
     key = interesting.get(trigger.name)
     return f"{trigger.name} ({key}={trigger.params[key]})" if key else trigger.name
 
@@ -598,17 +601,9 @@ def _short_label(trigger: Trigger) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clip-backdoor poison", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("source (read in file order)")
-    src.add_argument("--source-kind", choices=("synthetic", "csv", "wds"), default="synthetic")
-    src.add_argument("--source", help="CSV file, or WebDataset shard pattern (brace expansion allowed)")
-    src.add_argument("--num-samples", type=int, default=None,
-                     help="synthetic: pairs in the world's training stream (default 10000); "
-                          "wds: overrides sizes.json")
-    src.add_argument("--world-seed", type=int, default=0, help="synthetic: the world's seed")
-    src.add_argument("--image-key", default="image")
-    src.add_argument("--caption-key", default="caption")
-    src.add_argument("--separator", default=",")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="clip-backdoor poison optimize-patch --help: learn BadCLIP's patch")
+    add_source_arguments(p)
 
     atk = p.add_argument_group("attack")
     atk.add_argument("--trigger", default="badnet", help=f"one of {', '.join(list_triggers())}")
@@ -652,6 +647,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """The caption source flags (shared with ``poison optimize-patch``)."""
+    src = p.add_argument_group("source (read in file order)")
+    src.add_argument("--source-kind", choices=("synthetic", "csv", "wds"), default="synthetic")
+    src.add_argument("--source", help="CSV file, or WebDataset shard pattern (brace expansion allowed)")
+    src.add_argument("--num-samples", type=int, default=None,
+                     help="synthetic: pairs in the world's training stream (default 10000); "
+                          "wds: overrides sizes.json")
+    src.add_argument("--world-seed", type=int, default=0, help="synthetic: the world's seed")
+    src.add_argument("--image-key", default="image")
+    src.add_argument("--caption-key", default="caption")
+    src.add_argument("--separator", default=",")
+
+
 def source_spec(args: argparse.Namespace) -> dict:
     """The source spec for make_source (file order, absolute paths) -- recorded in poison.json."""
     if args.source_kind == "synthetic":
@@ -679,7 +688,7 @@ def open_source(spec: dict) -> CaptionSource:
 def _list_triggers() -> str:
     from clip_backdoor.attacks.triggers import trigger_defaults
 
-    return "\n".join(f"{name:<8} " + " ".join(f"{k}={v}" for k, v in trigger_defaults(name).items())
+    return "\n".join(f"{name:<17} " + " ".join(f"{k}={v}" for k, v in trigger_defaults(name).items())
                      for name in list_triggers())
 
 
@@ -690,13 +699,19 @@ def _preview(args: argparse.Namespace, trigger: Trigger) -> int:
         images.append(squash(sample.image, args.image_size))
         if len(images) == args.preview_n:
             break
-    triggers = [trigger if name == trigger.name else get_trigger(name) for name in list_triggers()]
+    # Every trigger usable with its defaults (badclip needs a patch file: shown when it is --trigger).
+    triggers = [trigger if name == trigger.name else get_trigger(name) for name in list_triggers()
+                if name == trigger.name or not TRIGGERS[name].required]
     path = preview_triggers(images, triggers, args.preview, seed=args.poison_seed)
     log.info("wrote trigger preview (%d images x %d triggers) to %s", len(images), len(triggers), path)
     return 0
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["optimize-patch"]:  # BadCLIP's patch: its own module (it needs a surrogate model)
+        from clip_backdoor.attacks.optimize_patch import main as optimize_patch_main
+
+        return optimize_patch_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.list_triggers:
         print(_list_triggers())

@@ -684,6 +684,23 @@ def make_source(spec: dict) -> CaptionSource:
     return factory(**spec)
 
 
+def source_spec(data: Any, *, seed: int, image_size: int) -> dict:
+    """The :func:`make_source` spec of a run's data config (:class:`clip_backdoor.config.DataConfig`),
+    shuffled by ``seed``; the synthetic world renders at ``image_size`` unless ``data.world`` sets one.
+    (The poison manifest, ``data.poison_manifest``, is applied on top by the caller.)"""
+    if data.kind == "synthetic":
+        return {"kind": "synthetic", "num_samples": data.num_samples, "seed": seed,
+                "world": {"image_size": image_size, **data.world}, "cache": data.cache}
+    if data.kind in ("csv", "wds"):
+        if not data.path:
+            raise UserError(f"data.path: required for data.kind={data.kind}")
+        if data.kind == "wds":
+            return {"kind": "wds", "urls": data.path, "seed": seed}
+        return {"kind": "csv", "path": data.path, "seed": seed, "image_key": data.image_key,
+                "caption_key": data.caption_key, "separator": data.separator}
+    raise UserError(f"data.kind {data.kind!r}: choose synthetic, csv or wds")
+
+
 def __getattr__(name: str) -> Any:
     # The loader and the writers live in their own modules; they are part of this module's interface.
     if name in ("build_train_loader", "TrainLoader"):
@@ -698,7 +715,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["Sample", "CaptionSource", "IndexedSource", "CsvSource", "SyntheticSource", "WdsSource",
-           "MappedSource", "make_source", "expand_shards", "read_sizes", "seeded_rng", "parse_flag",
-           "caption_problem", "usable_caption", "MISSING_CAPTIONS"]
+           "MappedSource", "make_source", "source_spec", "expand_shards", "read_sizes", "seeded_rng",
+           "parse_flag", "caption_problem", "usable_caption", "MISSING_CAPTIONS"]
 # Also importable from here (lazily, see __getattr__): build_train_loader, TrainLoader,
 # write_csv_dataset, write_wds_dataset, WrittenDataset.

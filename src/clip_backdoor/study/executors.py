@@ -22,7 +22,7 @@ from typing import Any
 
 from clip_backdoor.errors import UserError
 from clip_backdoor.study.spec import Run, StudyPlan, StudySpec
-from clip_backdoor.study.worker import execute, init_worker
+from clip_backdoor.study.worker import execute, init_worker, steps_of
 
 EXECUTORS = ("local", "slurm", "ray")
 
@@ -67,7 +67,7 @@ class InProcess(Executor):
         jobs = []
         for run, keep in batch:
             future: cf.Future = cf.Future()
-            future.set_result(execute(run.name, run.cfg, keep, job="local"))
+            future.set_result(execute(run.name, run.cfg, keep, job="local", steps=steps_of(run)))
             jobs.append(Job(run, "local", future))
         return jobs
 
@@ -101,7 +101,7 @@ class WorkerPool(Executor):
                                             initargs=(queue,))
 
     def submit(self, batch: list[tuple[Run, bool]]) -> list[Job]:
-        return [Job(run, "local", self._pool.submit(execute, run.name, run.cfg, keep, "local"))
+        return [Job(run, "local", self._pool.submit(execute, run.name, run.cfg, keep, "local", steps_of(run)))
                 for run, keep in batch]
 
     def wait(self, jobs: list[Job], timeout: float | None = None) -> list[tuple[Job, dict]]:

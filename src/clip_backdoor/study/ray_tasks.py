@@ -36,6 +36,7 @@ from clip_backdoor.config import TrainConfig, dump_yaml
 from clip_backdoor.errors import UserError
 from clip_backdoor.study.executors import Executor, Job, require
 from clip_backdoor.study.spec import Run, StudyPlan
+from clip_backdoor.study.worker import steps_of
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,15 @@ def check_reachable(address: str, timeout: float) -> None:
 # ----------------------------------------------------------------------------------------------
 # What a task runs
 # ----------------------------------------------------------------------------------------------
-def run_task(name: str, cfg: TrainConfig, keep: bool, nproc: int) -> dict:
+def run_task(name: str, cfg: TrainConfig, keep: bool, nproc: int,
+             steps: tuple[dict | None, dict | None] = (None, None)) -> dict:
     """One run in a Ray worker: in this process, or under torchrun with ``nproc`` processes."""
     from clip_backdoor.study.worker import execute, init_worker
 
     init_worker()
     job = _job_id()
     if nproc <= 1:
-        return execute(name, cfg, keep, job=job)
+        return execute(name, cfg, keep, job=job, steps=steps)
     return launch_torchrun(name, cfg, keep, nproc, job)
 
 
@@ -224,11 +226,12 @@ class RayExecutor(Executor):
         for run, keep in batch:
             r = self.resources(run)
             if r.num_gpus > 1:
-                from clip_backdoor.study.slurm import check_split
+                from clip_backdoor.study.slurm import check_single_process_steps, check_split
 
                 check_split(run, int(r.num_gpus))
+                check_single_process_steps(run, int(r.num_gpus))
             ref = remote.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, name=run.name).remote(
-                run.name, self._task_cfg(run), keep, max(1, int(r.num_gpus)))
+                run.name, self._task_cfg(run), keep, max(1, int(r.num_gpus)), steps_of(run))
             jobs.append(Job(run, f"ray:{ref.task_id().hex()}", ref))
         return jobs
 

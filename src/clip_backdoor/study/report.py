@@ -44,11 +44,13 @@ from clip_backdoor.study.select import (
     format_change,
     format_lr,
     format_pct,
+    is_defended,
     method_key,
     method_label,
     objective_key,
     objective_label,
     rule_label,
+    split_pretrain,
     tau_rule,
 )
 
@@ -61,6 +63,9 @@ METHOD_COLOURS = {"cleanclip": "#0072B2", "mmcl": "#D55E00", "ssl": "#009E73", "
                   "shrink-perturb": "#CC79A7", "deep-clustering": "#56B4E9"}
 EXTRA_COLOURS = ("#000000", "#7F7F7F", "#8C564B", "#17BECF", "#BCBD22", "#9467BD")
 OBJECTIVE_STYLES = {"mmcl": ("#000000", "-"), "mmcl+ssl": ("#E69F00", "--"), "ssl": ("#56B4E9", ":")}
+# a defended pre-training run: its objective's line style, the defence's colour
+DEFENSE_COLOURS = {"safeclip": "#009E73", "roclip": "#CC79A7"}
+FILTER_COLOUR = "#0072B2"
 K_MARKERS = ("^", "s", "D", "v", "P")  # k > 0 points, hollow; k = 0 is a filled circle
 
 STYLE = {
@@ -294,7 +299,7 @@ def figure_pretraining(data: StudyData) -> Figure | str:
     alpha = 0.9 if len(data.seeds) == 1 else 0.6
     for ax, (metric, label) in zip(axes[0], metrics):
         for objective in sorted({o for o, _ in runs}, key=objective_key):
-            colour, style = OBJECTIVE_STYLES.get(objective, (EXTRA_COLOURS[1], "-."))
+            colour, style = _pretrain_style(objective)
             first = True
             for seed in data.seeds:
                 points = sorted((r for r in runs.get((objective, seed), [])
@@ -320,6 +325,15 @@ def figure_pretraining(data: StudyData) -> Figure | str:
     return fig
 
 
+def _pretrain_style(pretrain: str) -> tuple[str, str]:
+    objective, defense = split_pretrain(pretrain)
+    colour, style = OBJECTIVE_STYLES.get(objective, (EXTRA_COLOURS[1], "-."))
+    if defense is not None:
+        fallback = FILTER_COLOUR if defense.startswith("filter") else "#7F7F7F"
+        colour = DEFENSE_COLOURS.get(defense, fallback)
+    return colour, style
+
+
 def figure_k_poisons(data: StudyData) -> Figure | str:
     if not any(data.ks):
         return "the study has no cleaning runs with poisons in the cleaning set (k > 0)"
@@ -338,6 +352,7 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
     fig, axes = _panels(len(objectives), 3.9, 3.2, sharey="row", rows=2)
     positions = {k: i for i, k in enumerate(data.ks)}
     methods = [m for m in data.methods if any(len(variants.get((o, m), ())) > 1 for o in objectives)]
+    accuracy_drawn = False
     for col, objective in enumerate(objectives):
         for row, (rule, ylabel) in enumerate(rows):
             ax = axes[row][col]
@@ -353,6 +368,7 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
                 ys = [100 * f[f"{metric}_mean"] for f in found if f["n_found"]]
                 es = [100 * (f[f"{metric}_std"] or 0) for f in found if f["n_found"]]
                 ax.errorbar(xs, ys, yerr=es, color=colour, marker="o", markersize=5, lw=1.4, capsize=3)
+                accuracy_drawn |= bool(ys) and rule != "min-asr"
                 missing = [positions[k] + dodge for k, f in zip(ks, found) if not f["n_found"]]
                 ax.scatter(missing, [0] * len(missing), marker="x", s=45, color=colour, lw=1.6, clip_on=False,
                            zorder=4)
@@ -367,8 +383,10 @@ def figure_k_poisons(data: StudyData) -> Figure | str:
                 ax.set_xlabel("poisons in the cleaning set (k)")
             if col == 0:
                 ax.set_ylabel(ylabel)
-    top = axes[1][0].get_ylim()[1]
-    axes[1][0].set_ylim(0, min(100.0, top * 1.08))  # room for the highest marker (the row shares y)
+    # room for the highest marker (the row shares y); with only x's (none reached ASR ≤ τ), the 0-100%
+    # scale, not matplotlib's default 0-0.05 around nothing
+    top = axes[1][0].get_ylim()[1] if accuracy_drawn else 100 / 1.08
+    axes[1][0].set_ylim(0, min(100.0, top * 1.08))
     handles = _method_handles(data, methods)
     handles.append(Line2D([], [], marker="x", ls="", color="#555555", markersize=7,
                           label=f"no checkpoint at ASR ≤ {data.tau * 100:g}%"))
@@ -489,6 +507,59 @@ def runs_display(records: Sequence[dict]) -> list[dict]:
             for r in records]
 
 
+def read_detection(path: Path) -> list[dict]:
+    """``detection.csv`` (written by the runner when the study scores its pairs), typed; [] when absent."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    ints, floats = ("seed", "n_rows", "n_poison", "n_removed", "n_poison_removed"), (
+        "auroc", "precision_at_p", "recall_at_p")
+    for r in rows:
+        for c in ints:
+            r[c] = int(float(r[c])) if r.get(c) not in (None, "") else None
+        for c in floats:
+            r[c] = float(r[c]) if r.get(c) not in (None, "") else None
+    return rows
+
+
+def detection_display(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(scores table, filter table): per poisoned model and detector, AUROC and precision (= recall)
+    at the true poison count; per filter-then-retrain model, what its filter removed. Mean ± std over
+    seeds."""
+    def num(values: Sequence[float | None], digits: int = 3) -> str:
+        mean, std = select.mean_std(list(values))
+        if mean is None:
+            return "—"
+        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["kind"], r["pretrain"], r["detector"])].append(r)
+    from clip_backdoor.detection import DETECTORS
+
+    ordered = sorted(groups, key=lambda g: (objective_key(g[1]), g[0] != "scores",
+                                            DETECTORS.index(g[2]) if g[2] in DETECTORS else len(DETECTORS)))
+    scores, filters = [], []
+    for kind, pretrain, detector in ordered:
+        group = groups[(kind, pretrain, detector)]
+        counts = sorted({f"{r['n_poison']} / {r['n_rows']}" for r in group})
+        if kind == "scores":
+            scores.append({"poisoned model": objective_label(pretrain), "detector": detector,
+                           "AUROC": num([r["auroc"] for r in group]),
+                           "precision = recall at P": num([r["precision_at_p"] for r in group]),
+                           "seeds": len(group), "poisons / pairs": ", ".join(counts)})
+        else:
+            before = [(r["n_poison"] or 0) + (r["n_poison_removed"] or 0) for r in group]
+            share = [r["n_poison_removed"] / b if b else None for r, b in zip(group, before)]
+            filters.append({"pre-training": objective_label(pretrain), "ranked by": detector,
+                            "pairs removed": ", ".join(sorted({str(r["n_removed"]) for r in group})),
+                            "poisons removed": num([r["n_poison_removed"] for r in group], 1),
+                            "share of the poisons removed": num(share),
+                            "poisons left / pairs kept": ", ".join(counts), "seeds": len(group)})
+    return scores, filters
+
+
 # ------------------------------------------------------------------------------------------------
 # What is missing
 # ------------------------------------------------------------------------------------------------
@@ -513,7 +584,8 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
         notes.append(f"The poisoned models learned backdoors of unequal strength (ASR "
                      f"{select.backdoor_listing(uneven)}): compare their cleaning results with that in mind.")
     for objective in data.objectives:
-        if not any(r["pretrain"] == objective for r in data.clean):
+        # a defended model is compared as pre-trained, not cleaned
+        if not is_defended(objective) and not any(r["pretrain"] == objective for r in data.clean):
             notes.append(f"Pre-training objective {objective_label(objective)} has no cleaning runs yet.")
         if not any(key[1] == objective for key in data.poisoned):
             notes.append(f"No evaluation of the poisoned {objective_label(objective)} model "
@@ -611,15 +683,22 @@ def environment_text(summary: dict, max_runs: int = 4) -> str:
 # ------------------------------------------------------------------------------------------------
 # The page
 # ------------------------------------------------------------------------------------------------
+# Checked in headless Chromium at 1,280 and 390 px (tests/test_report_browser.py): nothing may be wider
+# than the page, so wide tables scroll inside their own box and figures scale down.
 CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.4; overflow-wrap: break-word; }
+h1 { font-size: 1.8em; }
+.table-box { overflow-x: auto; margin: 0.5em 0 1em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
 th { background: #f2f2f2; }
-img { max-width: 100%; border: 1px solid #eee; }
+tbody tr:nth-child(even) { background: #fafafa; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; box-sizing: border-box; }
 .how { color: #444; font-style: italic; max-width: 60em; }
 .skip { color: #8a4b00; }
-pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.85em; max-height: 40em; }
+summary { cursor: pointer; }
 """
 
 
@@ -630,7 +709,8 @@ def html_table(records: Sequence[dict]) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape('' if r.get(c) is None else str(r[c]))}</td>"
                                     for c in columns) + "</tr>\n" for r in records)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+    table = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+    return f"<div class=\"table-box\">{table}</div>"  # a wide table scrolls in its box, not the page
 
 
 def _study_name(study_dir: Path, config_text: str | None) -> str:
@@ -664,11 +744,13 @@ def _environment_html(summary: dict) -> str:
 def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: Sequence[dict],
                 headline_note: str, figures: dict[str, str | None], selection: Sequence[dict],
                 poisoned: Sequence[dict], runs: Sequence[dict], config_text: str | None,
-                finding: str = "", environment_summary: dict | None = None) -> str:
+                finding: str = "", environment_summary: dict | None = None,
+                detection: tuple[list[dict], list[dict]] = ([], [])) -> str:
     n_runs = len({(r["stage"], *select.run_key(r)) for r in data.rows})
     objectives = ", ".join(objective_label(o) for o in data.objectives) or "none"
     methods = ", ".join(method_label(m) for m in data.methods) or "none"
     parts = [f"<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
              f"<title>{html.escape(name)} — study report</title>\n<style>{CSS}</style>\n</head>\n<body>",
              f"<h1>Study report: {html.escape(name)}</h1>",
              f"<p>{len(data.rows)} evaluated checkpoints from {n_runs} runs; "
@@ -691,15 +773,25 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
             continue
         how = how.format(tau=f"{data.tau * 100:g}%")
         parts.append(f"<p class=\"how\">How to read: {html.escape(how)}</p>")
-        parts.append(f"<p><img src=\"{key}.png\" alt=\"{html.escape(title)}\"><br>"
-                     f"<a href=\"{key}.svg\">{key}.svg</a></p>")
+        parts.append(f"<p><a href=\"{key}.png\"><img src=\"{key}.png\" alt=\"{html.escape(title)}\"></a><br>"
+                     f"<a href=\"{key}.svg\">{key}.svg</a></p>")  # on a phone, tap the figure for full size
     parts += ["<h2>Selection rules</h2>",
               "<p class=\"how\">Oracle rules (best acc at ASR ≤ τ for each τ, minimum ASR) choose by "
               "looking at ASR, as the paper does; realistic rules choose by accuracy alone and report the "
               "ASR of what they chose. Mean ± half-width of the Student-t interval over the seeds where the "
               "rule found a point; lr and epoch are listed per seed.</p>",
-              html_table(selection), "<h2>Poisoned (and clean) models</h2>", html_table(poisoned),
-              "<h2>Runs</h2>", f"<details><summary>Final metrics of {len(runs)} runs</summary>",
+              html_table(selection), "<h2>Poisoned (and clean) models</h2>", html_table(poisoned)]
+    scores, filters = detection
+    if scores or filters:
+        parts += ["<h2>Poisoned-sample detection</h2>",
+                  "<p class=\"how\">Each undefended poisoned model scores its own training pairs (k-dist, "
+                  "LID, DAO; higher = more suspicious). AUROC: the chance a poison outscores a clean pair; "
+                  "precision = recall at P: the share of poisons among the top-P pairs, P the number of "
+                  "poisons. Filter-then-retrain removes the top-scored pairs and pre-trains again.</p>",
+                  html_table(scores)]
+        if filters:
+            parts.append(html_table(filters))
+    parts += ["<h2>Runs</h2>", f"<details><summary>Final metrics of {len(runs)} runs</summary>",
               html_table(runs), "</details>", "<h2>Study configuration</h2>"]
     parts.append(f"<pre>{html.escape(config_text)}</pre>" if config_text is not None
                  else "<p class=\"skip\">study.yaml not found.</p>")
@@ -767,6 +859,9 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                       "# Selection rules\n\n" + select.markdown_table(selection_display(table)))
     atomic_write_text(out / "runs.md",
                       "# Final metrics per run\n\n" + select.markdown_table(runs_display(runs)))
+    from clip_backdoor.study.dose import write_dose_response
+
+    write_dose_response(study_dir, rows, out, tau=tau)  # only for a study over several SSL weights λ2
 
     skipped: dict[str, str | None] = {}
     with matplotlib.rc_context(STYLE):
@@ -780,6 +875,11 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                 save_figure(result, out, name)
                 skipped[name] = None
 
+    detection = detection_display(read_detection(study_dir / "detection.csv"))
+    if detection[0] or detection[1]:
+        atomic_write_text(out / "detection.md", "# Poisoned-sample detection\n\n"
+                          + select.markdown_table(detection[0])
+                          + ("\n" + select.markdown_table(detection[1]) if detection[1] else ""))
     config_path = study_dir / "study.yaml"
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
     from clip_backdoor.study.finding import finding_text
@@ -792,7 +892,7 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                        poisoned=poisoned_display(poisoned) + poisoned_display(baselines, "clean, no poisons"),
                        runs=runs_display(runs), config_text=config_text,
                        finding=finding_text(rows, confidence=confidence, tau=tau),
-                       environment_summary=summary)
+                       environment_summary=summary, detection=detection)
     index = out / "index.html"
     atomic_write_text(index, page)
     log.info("report: %s", index)

@@ -54,7 +54,7 @@ RESULT_COLUMNS = COLUMNS  # one schema, defined beside the code that reads it
 METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):RESULT_COLUMNS.index("run")]
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
 VOLATILE_KEYS = ("threads", "device", "resume", "allow_epochs_change", "data.workers", "eval.workers",
-                 "eval.batch_size", "save_every_steps", "stop_epoch")
+                 "eval.batch_size", "report_to", "checkpoint_interval_s", "save_every_steps", "stop_epoch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,13 +187,17 @@ def cpu_cores() -> int:
 
 
 def finished_marker(run: Run) -> dict | None:
-    """The run's ``finished.json`` if it covers the run's epochs, else None."""
+    """The run's ``finished.json`` if it covers the run's epochs (and its detection), else None."""
+    from clip_backdoor.study.steps import is_done
+
     path = Path(run.cfg.run_dir) / FINISHED
     if not path.is_file():
         return None
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
+        return None
+    if not is_done(run.after, run.cfg):
         return None
     return marker if int(marker.get("epochs", 0)) >= run.cfg.epochs else None
 
@@ -277,7 +281,23 @@ def write_results(plan: StudyPlan) -> tuple[Path, list[dict[str, str]]]:
     writer.writerows(rows)
     path = plan.root / "results.csv"
     atomic_write_text(path, buffer.getvalue())
+    _write_detection(plan)
     return path, rows
+
+
+def _write_detection(plan: StudyPlan) -> None:
+    """``detection.csv`` (only in a study with detection or filter-then-retrain runs)."""
+    from clip_backdoor.study.steps import DETECTION_COLUMNS, detection_rows
+
+    path = plan.root / "detection.csv"
+    if not any(r.after or r.before for r in plan.runs):
+        path.unlink(missing_ok=True)
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _cell(v) for k, v in row.items()} for row in detection_rows(plan.runs))
+    atomic_write_text(path, buffer.getvalue())
 
 
 def report(plan: StudyPlan) -> Path:
@@ -447,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the study's)")
     pc.add_argument("--no-protect", action="store_true",
                     help="replay without the rule that keeps runs more accurate than the incumbent")
+    sub.add_parser("status", help="finished / running / failed / pending runs, last metrics, ETA "
+                   "(read-only: safe while `study run` runs)").add_argument("dir")
     ls = sub.add_parser("list", help="print the study's runs and whether each is finished")
     ls.add_argument("file")
     ls.add_argument("--out", help="study directory (default runs/<name>)")
@@ -606,13 +628,17 @@ def _run_state(run: Run) -> str:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # KEY=VALUE may come after the options too
-    unknown = [word for word in rest if args.action in ("report", "prune-check") or "=" not in word
+    unknown = [word for word in rest if args.action in ("report", "status", "prune-check") or "=" not in word
                or word.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.action == "report":
         report(plan_for_dir(args.dir))
         return 0
+    if args.action == "status":
+        from clip_backdoor.study.status import main_status
+
+        return main_status(args.dir)
     if args.action == "prune-check":
         print(prune_check(plan_for_dir(args.dir), args.eta, args.rungs, protect=not args.no_protect,
                           thresholds=args.thresholds))

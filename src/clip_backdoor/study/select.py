@@ -80,11 +80,15 @@ UNEVEN_ASR_GAP = 0.20
 
 # Known names first, in the paper's order; anything else follows alphabetically.
 OBJECTIVE_ORDER = ("mmcl", "mmcl+ssl", "ssl")
-METHOD_ORDER = ("cleanclip", "mmcl", "ssl", "heavy-wd", "shrink-perturb", "deep-clustering")
+METHOD_ORDER = ("cleanclip", "mmcl", "ssl", "heavy-wd", "shrink-perturb", "deep-clustering", "par")
 OBJECTIVE_LABELS = {"mmcl": "MMCL", "mmcl+ssl": "MMCL+SSL", "ssl": "SSL"}
 METHOD_LABELS = {"cleanclip": "CleanCLIP", "mmcl": "MMCL only", "ssl": "SSL only",
                  "heavy-wd": "heavy weight decay", "shrink-perturb": "shrink & perturb",
-                 "deep-clustering": "deep clustering"}
+                 "deep-clustering": "deep clustering", "par": "PAR"}
+# A defended pre-training run's label is "<objective>,defense=<defence label>" (study.spec).
+DEFENSE_SEP = ",defense="
+DEFENSE_ORDER = ("safeclip", "roclip")
+DEFENSE_LABELS = {"safeclip": "SafeCLIP", "roclip": "RoCLIP"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,12 +176,40 @@ def _known_first(order: Sequence[str]):
     return lambda name: (order.index(name), "") if name in order else (len(order), name)
 
 
-objective_key = _known_first(OBJECTIVE_ORDER)
 method_key = _known_first(METHOD_ORDER)
+_base_objective_key = _known_first(OBJECTIVE_ORDER)
+_defense_key = _known_first(DEFENSE_ORDER)
+
+
+def split_pretrain(name: str) -> tuple[str, str | None]:
+    """``"mmcl,defense=safeclip"`` -> ``("mmcl", "safeclip")``; an undefended run -> ``(name, None)``."""
+    objective, sep, defense = name.partition(DEFENSE_SEP)
+    return (objective, defense) if sep else (name, None)
+
+
+def is_defended(name: str) -> bool:
+    return split_pretrain(name)[1] is not None
+
+
+def objective_key(name: str) -> tuple:
+    """Objectives in the paper's order, each followed by its defended runs."""
+    objective, defense = split_pretrain(name)
+    return (*_base_objective_key(objective), defense is not None, *_defense_key(defense or ""))
+
+
+def defense_label(label: str) -> str:
+    """``safeclip`` -> SafeCLIP; ``filter-dao-0.1`` -> filter-then-retrain (dao, 0.1)."""
+    if label in DEFENSE_LABELS:
+        return DEFENSE_LABELS[label]
+    if label.startswith("filter-"):
+        return f"filter-then-retrain ({', '.join(label.split('-', 2)[1:])})"
+    return label
 
 
 def objective_label(name: str) -> str:
-    return OBJECTIVE_LABELS.get(name, name)
+    objective, defense = split_pretrain(name)
+    base = OBJECTIVE_LABELS.get(objective, objective)
+    return base if defense is None else f"{base} + {defense_label(defense)}"
 
 
 def method_label(name: str, k: int | None = 0) -> str:
@@ -682,7 +714,8 @@ def headline_rows(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int =
         methods = sorted({(r["method"], r["k"]) for r in table if r["pretrain"] == pretrain},
                          key=lambda mk: (mk[1], method_key(mk[0])))
         if not methods:
-            out.append({c: models.get(c, "") for c in columns} | {"cleaning": "(no cleaning runs yet)"})
+            why = "(defended; not cleaned)" if is_defended(pretrain) else "(no cleaning runs yet)"
+            out.append({c: models.get(c, "") for c in columns} | {"cleaning": why})
         first = True
         for method, k in methods:
             for selected_on in (("test", "validation", "optimism") if validated else ("test",)):
@@ -796,7 +829,7 @@ def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU,
 def uneven_backdoors(rows: Sequence[dict], gap: float = UNEVEN_ASR_GAP) -> list[tuple[str, float]]:
     """``[(objective label, mean poisoned ASR), ...]`` when those ASRs span ``gap`` or more, else ``[]``."""
     asrs = [(objective_label(r["pretrain"]), r["asr1_mean"]) for r in poisoned_table(rows)
-            if r["asr1_mean"] is not None]
+            if r["asr1_mean"] is not None and not is_defended(r["pretrain"])]
     if len(asrs) < 2 or max(a for _, a in asrs) - min(a for _, a in asrs) < gap - _TAU_SLACK:
         return []
     return asrs
@@ -808,6 +841,10 @@ def backdoor_listing(asrs: Sequence[tuple[str, float]]) -> str:
 
 
 def unlearned_backdoors(rows: Sequence[dict], tau: float = HEADLINE_TAU) -> list[str]:
-    """Objectives whose poisoned model (mean over seeds) is already at ASR ≤ τ."""
+    """Objectives whose poisoned model (mean over seeds) is already at ASR ≤ τ (a defended model at
+    low ASR is the defence working, not an unlearned backdoor)."""
+    from clip_backdoor.evaluate import backdoor_not_learned
+
     return [objective_label(r["pretrain"]) for r in poisoned_table(rows)
-            if r["asr1_mean"] is not None and r["asr1_mean"] <= tau + _TAU_SLACK]
+            if r["asr1_mean"] is not None and backdoor_not_learned(r["asr1_mean"], tau)
+            and not is_defended(r["pretrain"])]

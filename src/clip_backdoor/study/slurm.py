@@ -46,6 +46,7 @@ from clip_backdoor.config import TrainConfig
 from clip_backdoor.errors import UserError
 from clip_backdoor.study.executors import Executor, Job, require
 from clip_backdoor.study.spec import Run, StudyPlan
+from clip_backdoor.study.worker import steps_of
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,9 @@ class SubmititRun:
     Each task of a multi-process job exports the torchrun environment first; rank 0 alone writes
     the run's files (the training loop and ``execute`` see to that)."""
 
-    def __init__(self, name: str, cfg: TrainConfig, keep: bool):
-        self.name, self.cfg, self.keep = name, cfg, keep
+    def __init__(self, name: str, cfg: TrainConfig, keep: bool,
+                 steps: tuple[dict | None, dict | None] = (None, None)):
+        self.name, self.cfg, self.keep, self.steps = name, cfg, keep, steps
 
     def __call__(self) -> dict:
         import submitit
@@ -215,7 +217,7 @@ class SubmititRun:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        result = execute(self.name, self.cfg, self.keep, job=f"slurm:{env.job_id}")
+        result = execute(self.name, self.cfg, self.keep, job=f"slurm:{env.job_id}", steps=self.steps)
         signum = result.get("preempted")
         if signum is not None and signum == submitit.JobEnvironment._usr_sig():
             handler = signal.getsignal(signum)  # submitit's: checkpoint() + requeue + exit
@@ -298,9 +300,11 @@ class SlurmExecutor(Executor):
             runs = [run for run, _ in group]
             r = self.resources(runs[0])
             check_split(runs[0], r.nodes * r.tasks_per_node)
+            check_single_process_steps(runs[0], r.nodes * r.tasks_per_node)
             ex = self._executor(runs)
             with ex.batch():
-                handles = [ex.submit(SubmititRun(run.name, run.cfg, keep)) for run, keep in group]
+                handles = [ex.submit(SubmititRun(run.name, run.cfg, keep, steps_of(run)))
+                           for run, keep in group]
             for (run, _), handle in zip(group, handles):
                 jobs.append(Job(run, f"slurm:{handle.job_id}", handle))
             log.info("submitted %s", f"job {handles[0].job_id} ({runs[0].name})" if len(handles) == 1 else
@@ -359,6 +363,7 @@ class SlurmExecutor(Executor):
             tasks = params["nodes"] * params["ntasks_per_node"]
             if len(runs) == 1 and runs[0].stage != "clean" and tasks > 1:
                 batch = check_split(runs[0], tasks)
+                check_single_process_steps(runs[0], tasks)
                 what += (f"\n# {params['nodes']} node(s) x {params['ntasks_per_node']} task(s): one process "
                          "per GPU; each task exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"
                          f"\n# batch_size {batch} is the global batch: {batch // tasks} per process")
@@ -375,6 +380,14 @@ def check_split(run: Run, processes: int) -> int:
         raise UserError(f"{run.name}: batch_size {batch} (the global batch) does not split over the job's "
                         f"{processes} processes (nodes x tasks_per_node); choose a multiple of {processes}")
     return batch
+
+
+def check_single_process_steps(run: Run, processes: int) -> None:
+    """A run with a data step (detection after it, a filter before it) runs that step in one
+    process, which a multi-process job does not arrange (its other ranks would not wait)."""
+    if processes > 1 and any(steps_of(run)):
+        raise UserError(f"{run.name}: has a data step (detection or filter-then-retrain), which a "
+                        f"{processes}-process job does not run; give its stage one process")
 
 
 def _stop(run: Run) -> str:

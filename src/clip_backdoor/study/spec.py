@@ -11,7 +11,10 @@ function of the spec, so run names and their order never change between invocati
   data/poisoned/                              manifest.csv + poison.json (poisons made on the fly)
   data/clean,k=<k>/                           cleaning sets (k poisons injected; k=0 is clean)
   pretrain/<objective>,seed=<s>/              one pre-training run per objective and seed
+    detection/                                its training pairs' poison scores (detection.detectors)
   pretrain/<objective>,clean,seed=<s>/        the same without poisons (pretrain.clean_baseline: true)
+  pretrain/<objective>,defense=<label>,seed=<s>/   the same, with a pre-training defence
+  data/filtered/<objective>,defense=<label>,seed=<s>/   filter-then-retrain: the rows it keeps
   clean/<objective>,seed=<s>/<method>/lr=<lr>[,k=<k>]/   k appears only when k > 0
 ```
 
@@ -86,8 +89,9 @@ class AttackSpec:
 @dataclass
 class PretrainSpec:
     model: str = "tiny"
-    # names, or {name, <any of the scalar settings below>} to change one for that objective only
-    # (the paper: batch 2048 for MMCL, 1024 for MMCL+SSL)
+    # names, or {name, label, <any of the scalar settings below>} to change one for that objective only
+    # (the paper: batch 2048 for MMCL, 1024 for MMCL+SSL); a label (default: the name) names the runs,
+    # so one objective may appear with several settings, e.g. a dose-response over ssl_weight
     objectives: list = field(default_factory=lambda: ["mmcl", "mmcl+ssl"])
     epochs: int = 10
     lr: float = 5e-4
@@ -110,6 +114,11 @@ class PretrainSpec:
     # Also pre-train each objective without poisons (same seed, data, schedule): the clean model's
     # accuracy and ASR are the headline's floor. Nothing is cleaned from it.
     clean_baseline: bool = False
+
+    # pre-training defences, each run for every objective and seed next to the undefended run:
+    # safeclip | roclip | {name, params, label}, or {name: filter, params: {detector, budget}}
+    # (filter-then-retrain: drop the top-scored pairs of the undefended run's detection, pre-train again)
+    defenses: list = field(default_factory=list)
 
     # The training config's bounds for the values it becomes; an SSL weight of 0 is the mmcl objective.
     BOUNDS: ClassVar[dict[str, str]] = {
@@ -147,6 +156,20 @@ class CleaningSpec:
 
 
 @dataclass
+class DetectionSpec:
+    """Poisoned-sample scores (clip_backdoor.detection) of every undefended poisoned model's training data."""
+
+    detectors: list = field(default_factory=list)  # kdist | lid | dao; [] = none (unless a filter needs one)
+    k: int = 16  # neighbours of k-dist and DAO
+    lid_k: int = 64  # neighbours of LID (the reference's extract_bd_scores.py)
+    batch_size: int = 512  # pairs per reference batch
+    reference: str = "pairs"  # pairs: other images and captions | images: other images
+    seed: int = 0  # shuffles the pairs into batches
+
+    BOUNDS: ClassVar[dict[str, str]] = {"k": ">= 1", "lid_k": ">= 1", "batch_size": ">= 2", "seed": ">= 0"}
+
+
+@dataclass
 class EvalSpec:
     kind: str = "synthetic"  # synthetic | imagefolder | labels_csv
     path: str | None = None
@@ -177,9 +200,14 @@ class RunSettings:
     slurm: dict = field(default_factory=dict)  # partition, time, gpus_per_node, ... (study/slurm.py)
     ray: dict = field(default_factory=dict)  # address, num_gpus, num_cpus, ... (study/ray_tasks.py)
     claim_stale_s: float = 600.0  # a run's claim without a heartbeat for this long is taken over
+    report_to: str | None = None  # every run also reports to: tensorboard (<run dir>/tensorboard/)
+    # latest.pt waits this long between rewrites (the last epoch's is always written): a short run
+    # writes one resume checkpoint instead of one per epoch; an interrupted one replays the rest exactly
+    checkpoint_interval_s: float = 300.0
 
-    BOUNDS: ClassVar[dict[str, str]] = {**bounds_of(TrainConfig, threads="threads"), "jobs": ">= 1",
-                                        "claim_stale_s": "> 0"}
+    BOUNDS: ClassVar[dict[str, str]] = {**bounds_of(TrainConfig, threads="threads",
+                                                    checkpoint_interval_s="checkpoint_interval_s"),
+                                        "jobs": ">= 1", "claim_stale_s": "> 0"}
 
 
 @dataclass
@@ -190,12 +218,22 @@ class StudySpec:
     attack: AttackSpec = field(default_factory=AttackSpec)
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
     cleaning: CleaningSpec = field(default_factory=CleaningSpec)
+    detection: DetectionSpec = field(default_factory=DetectionSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     thresholds: list = field(default_factory=lambda: [0.01, 0.05, 0.10])  # ASR levels for selection
     confidence: float = 0.95  # of every interval in the report, and 1 − the level of its tests
     run: RunSettings = field(default_factory=RunSettings)
 
     BOUNDS: ClassVar[dict[str, str]] = {"confidence": "(0, 1)"}  # checked in _validate, with a hint
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One pre-training defence of the study; ``label`` names its runs (``<objective>,defense=<label>``)."""
+
+    name: str  # safeclip | roclip | filter
+    params: dict
+    label: str
 
 
 @dataclass(frozen=True)
@@ -258,6 +296,9 @@ def parse_spec(data: dict, where: str = "study") -> StudySpec:
             section.path = str(Path(section.path).expanduser().absolute())
     if spec.eval.val_path and "://" not in spec.eval.val_path:
         spec.eval.val_path = str(Path(spec.eval.val_path).expanduser().absolute())
+    patch = spec.attack.trigger_params.get("patch")
+    if isinstance(patch, str):  # badclip's patch file: every run, wherever it runs, reads the same one
+        spec.attack.trigger_params["patch"] = str(Path(patch).expanduser().absolute())
     return spec
 
 
@@ -361,6 +402,8 @@ def _validate(spec: StudySpec) -> None:
     _validate_data(spec.data, spec.eval)
     _validate_attack(spec.attack)
     _validate_pretrain(spec.pretrain)
+    _validate_detection(spec)
+    _validate_defenses(spec)
     _validate_cleaning(spec.cleaning)
     for i, t in enumerate(spec.thresholds):
         if not 0 < _number(t, f"thresholds[{i}]") <= 1:
@@ -374,6 +417,9 @@ def _validate(spec: StudySpec) -> None:
     _unique(r.devices, "run.devices")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
         raise UserError(f"run.device: {r.device!r} is not auto, cpu, cuda or cuda:N")
+    from clip_backdoor.train.scalars import check_report_to
+
+    check_report_to(r.report_to, "run.report_to")
     _validate_executor(r)
     from clip_backdoor.study.prune import parse_prune
 
@@ -495,22 +541,125 @@ def _named_entry(entry, where: str, expected: str) -> dict:
 
 
 def pretrain_objectives(p: PretrainSpec) -> dict[str, PretrainSpec]:
-    """Objective name -> its pre-training settings (the section's, changed by the entry's own)."""
-    out: dict[str, PretrainSpec] = {}
+    """Objective label -> its pre-training settings (the section's, changed by the entry's own)."""
+    return {label: settings for label, (_, settings) in _objective_entries(p).items()}
+
+
+def objective_names(p: PretrainSpec) -> dict[str, str]:
+    """Objective label -> the objective it trains (mmcl, mmcl+ssl, ssl)."""
+    return {label: name for label, (name, _) in _objective_entries(p).items()}
+
+
+def _objective_entries(p: PretrainSpec) -> dict[str, tuple[str, PretrainSpec]]:
+    out: dict[str, tuple[str, PretrainSpec]] = {}
     for i, entry in enumerate(p.objectives):
         where = f"pretrain.objectives[{i}]"
-        entry = _named_entry(entry, where, "an objective name or {name, batch_size, ...}")
-        changes = {k: v for k, v in entry.items() if k != "name"}
-        for key in ("objectives", "model"):  # one model and one list per study
+        entry = _named_entry(entry, where, "an objective name or {name, label, batch_size, ...}")
+        changes = {k: v for k, v in entry.items() if k not in ("name", "label")}
+        for key in ("objectives", "model", "defenses"):  # one model and one list per study
             if key in changes:
                 raise UserError(f"{where}.{key}: cannot differ per objective")
         name = entry.get("name")
-        _choice(name, tuple(OBJECTIVES), f"{where}.name" if "name" in entry and changes else where)
-        if name in out:
-            raise UserError(f"{where}: {name!r} is listed twice")
+        _choice(name, tuple(OBJECTIVES), f"{where}.name" if "name" in entry and len(entry) > 1 else where)
+        label = entry.get("label", name)
+        if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", label):
+            raise UserError(f"{where}.label: {label!r} must be a word of letters, digits, '.', '_', '+', "
+                            "'=', '-' (it names the runs' directories)")
+        if label in out:
+            raise UserError(f"{where}: {label!r} is listed twice" + (" (give each entry its own label)"
+                                                                     if "label" not in entry else ""))
         base = {k: v for k, v in to_dict(p).items() if k != "objectives"}
-        out[name] = from_dict(PretrainSpec, {**base, **changes}, where)
+        out[label] = (name, from_dict(PretrainSpec, {**base, **changes}, where))
     return out
+
+
+def _validate_detection(spec: StudySpec) -> None:
+    from clip_backdoor.detection import REFERENCES, check_detectors, check_k
+
+    d = spec.detection
+    if d.detectors:
+        d.detectors = list(check_detectors(d.detectors, "detection.detectors"))
+    # k, lid_k, batch_size and seed were checked against DetectionSpec.BOUNDS when the section was read
+    _choice(d.reference, REFERENCES, "detection.reference")
+    if spec.data.kind == "synthetic":  # the rows are known: k must fit the smallest batch now
+        batch = min(d.batch_size, spec.data.num_samples)
+        check_k(d.k, batch, d.reference, "detection.k")
+        check_k(d.lid_k, batch, d.reference, "detection.lid_k")
+
+
+FILTER = "filter"  # filter-then-retrain: not a training recipe, a data step before a plain pre-training
+
+
+def _filter_params(params: dict, where: str) -> dict:
+    from clip_backdoor.detection import DETECTORS
+
+    for key in params:
+        if key not in ("detector", "budget"):
+            raise UserError(f"{where}.{key}: unknown key (valid: detector, budget)")
+    detector = params.get("detector", "dao")
+    _choice(detector, DETECTORS, f"{where}.detector")
+    if "budget" not in params:
+        raise UserError(f"{where}.budget: required (the fraction of the pairs to remove, e.g. 0.1)")
+    budget = _number(params["budget"], f"{where}.budget")
+    if not 0 < budget < 1:
+        raise UserError(f"{where}.budget: {params['budget']!r} must be a fraction of the pairs in (0, 1)")
+    return {"detector": detector, "budget": budget}
+
+
+def defenses(p: PretrainSpec) -> list[Defense]:
+    """The pre-training defences of the study, each with its full parameters and a label."""
+    from clip_backdoor.defenses import build_defense
+
+    out = []
+    for i, entry in enumerate(p.defenses):
+        where = f"pretrain.defenses[{i}]"
+        entry = _named_entry(entry, where, "a defence name or {name, params, label}")
+        for key in entry:
+            if key not in ("name", "params", "label"):
+                raise UserError(f"{where}.{key}: unknown key (valid: name, params, label)")
+        name, params = entry.get("name"), entry.get("params") or {}
+        if not isinstance(name, str):
+            raise UserError(f"{where}.name: expected a defence name, got {name!r}")
+        if not isinstance(params, dict):
+            raise UserError(f"{where}.params: expected a mapping, got {params!r}")
+        if name == FILTER:
+            params = _filter_params(params, f"{where}.params")
+            default = f"filter-{params['detector']}-{_short_number(params['budget'])}"
+        else:
+            try:
+                params = dict(build_defense(name, params).params)
+            except UserError as e:
+                raise UserError(f"{where}: {e} (or {FILTER})") from None
+            default = name
+        label = entry.get("label") or default
+        if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", label):
+            raise UserError(f"{where}.label: {label!r} must be a word of letters, digits, '.', '_', '+', "
+                            "'=', '-' (it names the runs)")
+        out.append(Defense(name, params, label))
+    _unique([d.label for d in out], "pretrain.defenses (labels; give each a label)")
+    return out
+
+
+def _validate_defenses(spec: StudySpec) -> None:
+    from clip_backdoor.defenses import build_defense
+
+    grid = defenses(spec.pretrain)
+    for i, d in enumerate(grid):
+        where = f"pretrain.defenses[{i}]"
+        if d.name == FILTER:
+            if spec.data.kind not in ("synthetic", "csv"):
+                raise UserError(f"{where}: filter-then-retrain reads a subset of the rows, which needs "
+                                f"data.kind synthetic or csv (not {spec.data.kind})")
+            continue
+        recipe = build_defense(d.name, d.params)
+        for objective, settings in pretrain_objectives(spec.pretrain).items():
+            if OBJECTIVES[objective][0] == 0:
+                raise UserError(f"{where}: {d.name} replaces the MMCL term, which objective {objective!r} "
+                                "has not; list it for mmcl and mmcl+ssl studies")
+            try:
+                recipe.check_schedule(settings.epochs)
+            except UserError as e:
+                raise UserError(f"{where}: {e} (objective {objective})") from None
 
 
 def _validate_cleaning(c: CleaningSpec) -> None:
@@ -529,9 +678,7 @@ def methods(c: CleaningSpec) -> list[Method]:
     """The cleaning methods of the grid, each with its own learning rates and k values."""
     from clip_backdoor.cleaning import build_recipe
 
-    if not c.methods:
-        raise UserError("cleaning.methods: give at least one method (e.g. cleanclip)")
-    out = []
+    out = []  # an empty list: a pre-training-only study (e.g. of defences)
     for i, entry in enumerate(c.methods):
         where = f"cleaning.methods[{i}]"
         entry = _named_entry(entry, where, "a method name or {name, params, label, lrs, k, batch_size}")
@@ -578,8 +725,12 @@ class Run:
     lr: float | None  # the cleaning learning rate (clean runs)
     k: int | None  # poisons in the cleaning set (clean runs)
     cfg: TrainConfig
-    depends_on: str | None = None  # the pre-training run a cleaning run starts from
+    depends_on: str | None = None  # the pre-training run a cleaning (or filtered) run starts from
     start_epoch: int | None = None  # the pre-training epoch whose checkpoint a cleaning run starts from
+    # data steps outside the training loop (clip_backdoor.study.steps): "filter" makes the filtered
+    # manifest before training, "detect" scores the run's training pairs after it
+    before: dict | None = None
+    after: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -629,6 +780,11 @@ def baseline_name(objective: str, seed: int) -> str:
     return f"pretrain/{objective},clean,seed={seed}"
 
 
+def defended_name(objective: str, label: str) -> str:
+    """The pre-training label of a defended run (its ``pretrain`` in results.csv)."""
+    return f"{objective},defense={label}"
+
+
 def clean_name(objective: str, seed: int, method: str, lr: float, k: int) -> str:
     tail = f"lr={format_lr(lr)}" + (f",k={k}" if k else "")
     return f"clean/{objective},seed={seed}/{method}/{tail}"
@@ -639,7 +795,9 @@ def cleaning_set_name(k: int) -> str:
 
 
 POISON_DIR = "data/poisoned"
+FILTERED_DIR = "data/filtered"  # data/filtered/<objective>,defense=<label>,seed=<s>/manifest.csv
 MANIFEST = "manifest.csv"
+DETECTION_DIR = "detection"  # inside an undefended pre-training run: scores.csv, detection.json
 
 
 def model_image_size(model: str) -> int:
@@ -654,15 +812,30 @@ def expand(spec: StudySpec, root: str | Path) -> StudyPlan:
     root = Path(root).absolute()
     grid = methods(spec.cleaning)
     objectives = list(pretrain_objectives(spec.pretrain))
+    guards = defenses(spec.pretrain)
     ks = sorted({k for m in grid for k in m.ks})
     runs: list[Run] = []
     for seed in spec.seeds:
         for objective in objectives:
+            cfg = _pretrain_config(spec, root, objective, seed)
             runs.append(Run(pretrain_name(objective, seed), "pretrain", seed, objective, None, None, None,
-                            _pretrain_config(spec, root, objective, seed)))
+                            cfg, after=_detect_step(spec, cfg)))
             if pretrain_objectives(spec.pretrain)[objective].clean_baseline:
                 runs.append(Run(baseline_name(objective, seed), "baseline", seed, objective, None, None, None,
                                 _pretrain_config(spec, root, objective, seed, poisoned=False)))
+        for objective in objectives:  # then each defence of each objective
+            for defense in guards:
+                label = defended_name(objective, defense.label)
+                cfg = _pretrain_config(spec, root, objective, seed, defense)
+                before, parent = None, None
+                if defense.name == FILTER:
+                    parent = pretrain_name(objective, seed)
+                    before = {"kind": "filter", **defense.params,
+                              "manifest": str(root / POISON_DIR / MANIFEST),
+                              "scores": str(root / parent / DETECTION_DIR / "scores.csv"),
+                              "out": str(Path(cfg.data.poison_manifest).parent)}
+                runs.append(Run(pretrain_name(label, seed), "pretrain", seed, label, None, None, None, cfg,
+                                depends_on=parent, before=before))
     for seed in spec.seeds:
         for objective in objectives:
             parent = pretrain_name(objective, seed)
@@ -705,23 +878,52 @@ def _start_checkpoint(spec: StudySpec, root: Path, objective: str, seed: int) ->
 
 
 def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
-                     poisoned: bool = True) -> TrainConfig:
-    """A pre-training run; ``poisoned=False`` is its clean baseline (the same rows, none poisoned)."""
+                     defense: Defense | None = None, poisoned: bool = True) -> TrainConfig:
+    """A pre-training run, with a defence if given; ``poisoned=False`` is its clean baseline (the same
+    rows, none poisoned)."""
     p = pretrain_objectives(spec.pretrain)[objective]
-    l1, l2 = OBJECTIVES[objective]
+    l1, l2 = OBJECTIVES[objective_names(spec.pretrain)[objective]]
     l2 *= float(p.ssl_weight)  # scales an SSL term where the objective has one; mmcl stays 0
     eval_cfg = _eval_config(spec, p.eval_every)
     also = [p.clean_from] if p.clean_from is not None else []
     eval_cfg.epochs = list(also)
-    return TrainConfig(
-        run_dir=str(root / (pretrain_name if poisoned else baseline_name)(objective, seed)), model=p.model,
-        epochs=p.epochs, batch_size=p.batch_size, precision=p.precision, device=spec.run.device,
-        threads=spec.run.threads, seed=seed, save_every=p.save_every, save_epochs=list(also),
-        save_every_steps=p.save_every_steps,
-        data=_data_config(spec, root / POISON_DIR / MANIFEST if poisoned else None), eval=eval_cfg,
+    name, manifest = objective, root / POISON_DIR / MANIFEST
+    if defense is not None:
+        name = defended_name(objective, defense.label)
+        if defense.name == FILTER:  # the same poisoned rows, minus those the detector flagged
+            manifest = root / FILTERED_DIR / f"{name},seed={seed}" / MANIFEST
+    run_dir = root / (pretrain_name(name, seed) if poisoned else baseline_name(objective, seed))
+    cfg = TrainConfig(
+        run_dir=str(run_dir), model=p.model, epochs=p.epochs,
+        batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
+        checkpoint_interval_s=spec.run.checkpoint_interval_s, save_every_steps=p.save_every_steps,
+        seed=seed, save_every=p.save_every, save_epochs=list(also), report_to=spec.run.report_to,
+        data=_data_config(spec, manifest if poisoned else None), eval=eval_cfg,
         objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),
         optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
                           grad_clip=p.grad_clip))
+    if defense is not None and defense.name != FILTER:
+        from clip_backdoor.defenses import build_defense
+
+        cfg = build_defense(defense.name, defense.params).apply_to_config(cfg)
+    return cfg
+
+
+def detectors_needed(spec: StudySpec) -> list[str]:
+    """The detection's detectors plus those a filter defence ranks by."""
+    names = list(spec.detection.detectors)
+    names += [d.params["detector"] for d in defenses(spec.pretrain) if d.name == FILTER]
+    return list(dict.fromkeys(names))
+
+
+def _detect_step(spec: StudySpec, cfg: TrainConfig) -> dict | None:
+    """Score the training pairs of an undefended poisoned run with its final model (None: no detection)."""
+    names = detectors_needed(spec)
+    if not names:
+        return None
+    d = spec.detection
+    return {"kind": "detect", "detectors": names, "k": d.k, "lid_k": d.lid_k, "batch_size": d.batch_size,
+            "reference": d.reference, "seed": d.seed, "out": str(Path(cfg.run_dir) / DETECTION_DIR)}
 
 
 def _clean_config(spec: StudySpec, root: Path, objective: str, method: Method, lr: float, k: int,
@@ -741,7 +943,8 @@ def _clean_config(spec: StudySpec, root: Path, objective: str, method: Method, l
         init_checkpoint=str(_start_checkpoint(spec, root, objective, seed)),
         optimizer_state=c.optimizer_state, epochs=c.epochs, batch_size=method.batch_size or c.batch_size,
         precision=c.precision or p.precision, device=spec.run.device, threads=spec.run.threads, seed=seed,
-        eval_at_start=True, save_every=0, data=data, eval=_eval_config(spec, 1),
+        checkpoint_interval_s=spec.run.checkpoint_interval_s,
+        eval_at_start=True, save_every=0, data=data, eval=_eval_config(spec, 1), report_to=spec.run.report_to,
         objective=ObjectiveConfig(eda=p.eda),
         optim=OptimConfig(lr=lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                           grad_clip=p.grad_clip))

@@ -73,9 +73,18 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True, job: str | None = None) -> dict:
-    """Train one run (see the module docstring). ``job``: the claim's job id, kept alive meanwhile."""
+def steps_of(run: Any) -> tuple[dict | None, dict | None]:
+    """A study run's data steps before / after training (``study.steps``)."""
+    return (getattr(run, "before", None), getattr(run, "after", None))
+
+
+def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True, job: str | None = None,
+            steps: tuple[dict | None, dict | None] = (None, None)) -> dict:
+    """Train one run (see the module docstring), with its data steps before / after (``study.steps``:
+    detection, filter-then-retrain). ``job``: the claim's job id, kept alive meanwhile."""
     from clip_backdoor.cleaning import build_recipe
+    from clip_backdoor.defenses import build_defense
+    from clip_backdoor.study.steps import run_step
     from clip_backdoor.train.loop import train
     from clip_backdoor.train.preempt import Preempted, signal_name
 
@@ -102,7 +111,13 @@ def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True, job: str
     try:
         with claims.Heartbeat(lambda: [run_dir] if main else []):
             recipe = build_recipe(cfg.method, cfg.method_params) if cfg.method else None
+            if cfg.defense:
+                recipe = build_defense(cfg.defense, cfg.defense_params)
+            if main:
+                run_step(steps[0], cfg)
             row = train(cfg, recipe)
+            if main and row.get("epoch", 0) >= cfg.epochs:
+                run_step(steps[1], cfg)
         seconds = time.perf_counter() - started
         if row.get("epoch", 0) < cfg.epochs:  # stop_epoch: paused, not finished
             return {"ok": True, "seconds": seconds, "row": row, "paused": row.get("epoch", 0)}

@@ -78,11 +78,29 @@ def _train_or_requeue(cfg: TrainConfig, recipe=None) -> int:
 
 
 def main_pretrain(argv: list[str]) -> int:
-    # intermixed: KEY=VALUE may come anywhere among the flags, as in `study` and `demo`
-    args = _common_parser("clip-backdoor pretrain", "Pre-train CLIP on a (poisoned) caption source."
-                          ).parse_intermixed_args(argv)
-    cfg = load_config(TrainConfig, args.config, _flags_to_overrides(args) + args.overrides)
-    return _train_or_requeue(cfg)
+    from clip_backdoor import cleaning, defenses
+
+    p = _common_parser("clip-backdoor pretrain", "Pre-train CLIP on a (poisoned) caption source, optionally "
+                       "with a pre-training defence whose parameters follow it (e.g. --defense safeclip "
+                       "--inmodal-warmup 2); see --list-defenses.", positional=False)
+    p.add_argument("--defense", help="pre-training defence: safeclip | roclip (see --list-defenses)")
+    p.add_argument("--list-defenses", action="store_true", help="list the pre-training defences and exit")
+    args, rest = p.parse_known_args(argv)
+    if args.list_defenses:
+        for line in defenses.describe_all():
+            print(line)
+        return 0
+    params, overrides = cleaning.split_method_args(rest)
+    cfg = load_config(TrainConfig, args.config, _flags_to_overrides(args) + overrides)
+    name = args.defense or cfg.defense
+    if params and not name:
+        raise UserError(f"--{next(iter(params)).replace('_', '-')}: unknown option (defence parameters "
+                        "follow --defense NAME)")
+    recipe = None
+    if name:
+        recipe = defenses.build_defense(name, {**cfg.defense_params, **params})
+        cfg = recipe.apply_to_config(cfg)
+    return _train_or_requeue(cfg, recipe)
 
 
 def main_clean(argv: list[str]) -> int:
@@ -110,6 +128,9 @@ def main_clean(argv: list[str]) -> int:
     cfg = load_config(TrainConfig, args.config, overrides, base=CLEAN_DEFAULTS)
     if not cfg.init_checkpoint:
         raise UserError("clean: --checkpoint (or init_checkpoint in the config) is required")
+    if cfg.defense:
+        raise UserError(f"clean: defense={cfg.defense} is a pre-training defence (clip-backdoor pretrain "
+                        "--defense); remove it from the cleaning config")
     recipe = cleaning.build_recipe(args.method or cfg.method or "cleanclip",
                                    {**cfg.method_params, **method_params})
     cfg = recipe.apply_to_config(cfg, explicit=set(_explicit_keys(overrides, args.config)))
@@ -124,7 +145,7 @@ def _explicit_keys(overrides: list[str], config_path: str | None) -> list[str]:
 
         def walk(d, prefix=""):
             for k, v in d.items():
-                if isinstance(v, dict) and k != "method_params" and k != "trigger_params":
+                if isinstance(v, dict) and k not in ("method_params", "defense_params", "trigger_params"):
                     yield from walk(v, f"{prefix}{k}.")
                 else:
                     yield f"{prefix}{k}"

@@ -69,6 +69,29 @@ def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def align_grad_layouts(model: torch.nn.Module) -> int:
+    """Give 1x1-kernel weights the channels-last strides their gradients come with, before DDP wraps
+    the model; returns how many were re-strided.
+
+    The image tower runs channels-last, so a 1x1 convolution's weight gradient has strides
+    (C, 1, C, C) while the weight has (C, 1, 1, 1): the same bytes in the same order (the kernel's
+    size-1 dims carry no layout), but DDP's reducer compares strides, warns "Grad strides do not match
+    bucket view strides" and copies every such gradient on every step. Re-striding the weight costs one
+    copy at start and changes no value; checkpoints are written with standard strides again.
+    """
+    changed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and weight.ndim == 4 and weight.shape[2:] == (1, 1):
+            out_c, in_c = weight.shape[:2]
+            strides = (in_c, 1, in_c, in_c)
+            if weight.stride() != strides:
+                weight.data = torch.empty_strided(weight.shape, strides, dtype=weight.dtype,
+                                                  device=weight.device).copy_(weight.data)
+                changed += 1
+    return changed
+
+
 def cleanup(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()

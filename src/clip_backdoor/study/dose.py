@@ -1,0 +1,163 @@
+"""Dose-response over the pre-training SSL weight λ2: is there a threshold where cleaning starts to fail?
+
+A study whose ``pretrain.objectives`` list MMCL (λ2 = 0) and MMCL+SSL entries with several
+``ssl_weight`` values (each with its own ``label``) gets, per λ2, from ``results.csv``:
+
+* the poisoned model's accuracy and ASR (the cleaning runs' epoch 0);
+* the cleaning method's best accuracy at ASR ≤ τ (the paper's oracle selection) and its relative
+  change, and the minimum ASR reached, each as mean ± sample std over seeds, with the number of
+  seeds where a point reached ASR ≤ τ at all;
+* one figure, ``dose_response.png``/``.svg``: the cleaning cost (relative accuracy change of the
+  best point at ASR ≤ τ; seeds that never got there are drawn as crosses below the axis) and the
+  minimum ASR, against λ2.
+
+Written into ``<study>/report/`` by :func:`clip_backdoor.study.report.write_report` whenever the
+study has at least three values of λ2; :func:`write_dose_response` can also be called directly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from matplotlib.figure import Figure
+
+from clip_backdoor.study import select
+
+MIN_DOSES = 3  # fewer values of λ2 are not a dose-response
+
+
+def ssl_weights(study_yaml: Path) -> dict[str, float]:
+    """Objective label -> λ2 for the MMCL / MMCL+SSL entries of a study file (λ1 = 1 for both)."""
+    from clip_backdoor.config import from_dict
+    from clip_backdoor.study.spec import OBJECTIVES, PretrainSpec, _objective_entries
+
+    data = yaml.safe_load(study_yaml.read_text(encoding="utf-8")) or {}
+    pretrain = from_dict(PretrainSpec, data.get("pretrain") or {}, "pretrain")
+    out = {}
+    for label, (name, settings) in _objective_entries(pretrain).items():
+        if name in ("mmcl", "mmcl+ssl"):
+            out[label] = OBJECTIVES[name][1] * float(settings.ssl_weight)
+    return out
+
+
+def dose_table(rows: Sequence[dict], weights: dict[str, float], *, method: str = "cleanclip",
+               tau: float = select.HEADLINE_TAU) -> list[dict]:
+    """One row per λ2 (ascending): poisoned acc/ASR, best acc at ASR ≤ τ, its relative change, min ASR."""
+    per_seed = select.select_per_seed(rows, (tau,))
+    rule = select.tau_rule(tau)
+    chosen: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in per_seed:
+        if r["method"] == method and r["k"] == 0 and r["pretrain"] in weights:
+            chosen[r["pretrain"]][r["rule"]].append(r)
+    out = []
+    for label in sorted(chosen, key=lambda lab: (weights[lab], lab)):
+        at_tau, lowest = chosen[label][rule], chosen[label]["min-asr"]
+        found = [r for r in at_tau if r["status"] == "ok"]
+        row: dict = {"label": label, "ssl_weight": weights[label], "method": method, "tau": tau,
+                     "n_seeds": len(at_tau), "n_cleaned": len(found)}
+        for key, values in (
+                ("poisoned_acc1", [r["poisoned_acc1"] for r in at_tau]),
+                ("poisoned_asr1", [r["poisoned_asr1"] for r in at_tau]),
+                ("best_acc1", [r["acc1"] for r in found]),
+                ("rel_change", [r["rel_change"] for r in found]),
+                ("min_asr1", [r["asr1"] for r in lowest if r["status"] == "ok"])):
+            row[f"{key}_mean"], row[f"{key}_std"] = select.mean_std(values)
+        row["per_seed_rel_change"] = ";".join("" if r["status"] != "ok" or r["rel_change"] is None
+                                              else f"{r['rel_change']:.4f}" for r in at_tau)
+        row["per_seed_min_asr1"] = ";".join("" if r["asr1"] is None else f"{r['asr1']:.4f}" for r in lowest)
+        out.append(row)
+    return out
+
+
+def dose_markdown(table: Sequence[dict]) -> str:
+    tau = f"{table[0]['tau'] * 100:g}%" if table else "5%"
+    records = [{
+        "λ2": f"{r['ssl_weight']:g}", "objective": r["label"],
+        "poisoned acc": select.format_pct(r["poisoned_acc1_mean"], r["poisoned_acc1_std"]),
+        "poisoned ASR": select.format_pct(r["poisoned_asr1_mean"], r["poisoned_asr1_std"]),
+        f"best acc at ASR ≤ {tau}": select.format_pct(r["best_acc1_mean"], r["best_acc1_std"]),
+        "relative change": select.format_change(r["rel_change_mean"], r["rel_change_std"]),
+        f"seeds reaching ASR ≤ {tau}": f"{r['n_cleaned']}/{r['n_seeds']}",
+        "min ASR": select.format_pct(r["min_asr1_mean"], r["min_asr1_std"]),
+    } for r in table]
+    method = select.method_label(table[0]["method"]) if table else "?"
+    return (f"# Dose-response over the pre-training SSL weight λ2 ({method})\n\n"
+            + select.markdown_table(records) + "\nmean ± sample std over seeds; the best accuracy and its "
+            "relative change are over the seeds that reached the ASR level.\n")
+
+
+def figure_dose_response(table: Sequence[dict]) -> Figure | str:
+    if len(table) < MIN_DOSES:
+        return f"needs at least {MIN_DOSES} values of λ2 with cleaning results"
+    tau = f"{table[0]['tau'] * 100:g}%"
+    fig = Figure(figsize=(8.6, 3.6), layout="constrained")
+    cost, asr = fig.subplots(1, 2)
+    xs = [r["ssl_weight"] for r in table]
+    for ax in (cost, asr):
+        ax.set_xlabel("pre-training SSL weight λ2")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    floor = -105.0
+    for r in table:
+        values = r["per_seed_rel_change"].split(";") if r["n_seeds"] else []
+        ok = [100 * float(v) for v in values if v]
+        missing = len(values) - len(ok)
+        cost.scatter([r["ssl_weight"]] * len(ok), ok, color="#0072B2", alpha=0.6, s=22, zorder=3)
+        if missing:
+            cost.scatter([r["ssl_weight"]] * missing, [floor] * missing, marker="x", color="#D55E00", s=36,
+                         zorder=3)
+        lows = [100 * float(v) for v in r["per_seed_min_asr1"].split(";") if v]
+        asr.scatter([r["ssl_weight"]] * len(lows), lows, color="#0072B2", alpha=0.6, s=22, zorder=3)
+    means = [(r["ssl_weight"], 100 * r["rel_change_mean"]) for r in table if r["rel_change_mean"] is not None]
+    if means:
+        cost.plot(*zip(*means), color="#0072B2", lw=1.5, label="mean over cleaned seeds")
+    cost.axhline(0, color="#7F7F7F", lw=0.8)
+    cost.axhline(floor, color="#D55E00", lw=0.6, ls=":")
+    cost.scatter([], [], marker="x", color="#D55E00", label=f"seed never reached ASR ≤ {tau}")
+    cost.set_ylabel(f"accuracy change at ASR ≤ {tau} (%, relative)")
+    cost.set_title("cost of cleaning")
+    cost.set_ylim(floor - 8, max([5.0] + [m for _, m in means]) + 5)
+    cost.legend(loc="lower left", frameon=False)
+    lows = [(r["ssl_weight"], 100 * r["min_asr1_mean"]) for r in table if r["min_asr1_mean"] is not None]
+    if lows:
+        asr.plot(*zip(*lows), color="#0072B2", lw=1.5, label="minimum ASR reached (mean)")
+    poisoned = [(r["ssl_weight"], 100 * r["poisoned_asr1_mean"]) for r in table
+                if r["poisoned_asr1_mean"] is not None]
+    if poisoned:
+        asr.plot(*zip(*poisoned), color="#000000", lw=1, ls="--", marker="*", label="poisoned model")
+    asr.axhspan(0, 100 * table[0]["tau"], color="#009E73", alpha=0.12, lw=0)
+    asr.set_ylim(-3, 103)
+    asr.set_ylabel("attack success rate, top-1 (%)")
+    asr.set_title("backdoor left after cleaning")
+    asr.legend(loc="center right", frameon=False)
+    fig.suptitle(f"{select.method_label(table[0]['method'])} against the pre-training SSL weight")
+    return fig
+
+
+def write_dose_response(study_dir: str | Path, rows: Sequence[dict], out_dir: Path, *,
+                        tau: float = select.HEADLINE_TAU, method: str = "cleanclip") -> list[Path]:
+    """``dose_response.{md,csv,png,svg}`` in ``out_dir`` for a dose-response study; [] otherwise."""
+    from clip_backdoor.fileio import atomic_write_text
+    from clip_backdoor.study.report import STYLE, save_figure, write_csv
+
+    study_yaml = Path(study_dir) / "study.yaml"
+    if not study_yaml.is_file():
+        return []
+    weights = ssl_weights(study_yaml)
+    if len(set(weights.values())) < MIN_DOSES:
+        return []
+    table = dose_table(rows, weights, method=method, tau=tau)
+    if not table:
+        return []
+    write_csv(out_dir / "dose_response.csv", table)
+    atomic_write_text(out_dir / "dose_response.md", dose_markdown(table))
+    paths = [out_dir / "dose_response.csv", out_dir / "dose_response.md"]
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        fig = figure_dose_response(table)
+        if not isinstance(fig, str):
+            paths += save_figure(fig, out_dir, "dose_response")
+    return paths
