@@ -10,11 +10,11 @@ DEVICE_FILE = "device.txt"
 WAIT_S = 120
 
 
-def execute_noting_the_device(name, cfg, keep_checkpoints=True):
-    """The runner's real ``execute``, whose training writes ``cfg.device`` to the run directory and
-    then waits for the other pre-training run to start, so the two runs are held by two workers at
-    once (one worker cannot take both)."""
-    from clip_backdoor.study import runner
+def execute_noting_the_device(name, cfg, keep_checkpoints=True, job=None, steps=(None, None)):
+    """The runner's real ``execute`` (study/worker.py), whose training writes ``cfg.device`` to the
+    run directory and then waits for the other pre-training run to start, so the two runs are held
+    by two workers at once (one worker cannot take both)."""
+    from clip_backdoor.study import worker
     from clip_backdoor.train import loop
 
     def train(cfg, recipe=None):
@@ -26,4 +26,4 @@ def execute_noting_the_device(name, cfg, keep_checkpoints=True):
         return {"epoch": cfg.epochs}
 
     loop.train = train
-    return runner.execute(name, cfg, keep_checkpoints)
+    return worker.execute(name, cfg, keep_checkpoints, job, steps)

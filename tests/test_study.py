@@ -18,7 +18,7 @@ from clip_backdoor.study.spec import expand, format_lr, load_spec, parse_spec
 COLUMNS = ["seed", "stage", "pretrain", "method", "lr", "k", "start_epoch", "epoch", "step", "init", "acc1",
            "acc5", "asr1", "asr5", "ra1", "n", "n_asr", "val_acc1", "val_acc5", "val_asr1", "val_asr5",
            "val_ra1", "val_n", "val_n_asr", "acc1_lo", "acc1_hi", "asr1_lo", "asr1_hi", "val_acc1_lo",
-           "val_acc1_hi", "val_asr1_lo", "val_asr1_hi", "loss", "loss_mmcl", "loss_ssl", "run"]
+           "val_acc1_hi", "val_asr1_lo", "val_asr1_hi", "loss", "loss_mmcl", "loss_ssl", "run", "pruned"]
 
 
 def tiny(**sections) -> dict:
@@ -319,8 +319,9 @@ def test_each_worker_gets_its_own_device(tmp_path, monkeypatch):
     """--devices a,b: two runs held at once by two workers get the two devices (the devices are fake:
     training is replaced by a note of the device each run was handed)."""
     from _study_helpers import DEVICE_FILE, execute_noting_the_device
+    from clip_backdoor.study import executors
 
-    monkeypatch.setattr(runner, "execute", execute_noting_the_device)
+    monkeypatch.setattr(executors, "execute", execute_noting_the_device)  # what the local pool submits
     path = write_study(tmp_path, tiny(seeds=[0, 1]))
     assert cli(["study", "run", str(path), "--out", str(tmp_path / "s"), "--devices", "cuda:0,cuda:1",
                 "--only", "pretrain"]) == 0

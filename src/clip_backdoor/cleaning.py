@@ -200,6 +200,7 @@ class DeepClustering(CleaningRecipe):
             raise UserError(f"method {self.name}: --variant {self.params['variant']!r}: choose "
                             f"{' or '.join(self.VARIANTS)}")
         self.head = self.head_opt = self._group = None
+        self._in_epoch = False  # between on_epoch_start and on_epoch_end (what a checkpoint then holds)
 
     def objective_weights(self):
         return 1.0, self.params["ssl_weight"]
@@ -235,6 +236,7 @@ class DeepClustering(CleaningRecipe):
         else:
             self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=self.params["head_lr"],
                                               weight_decay=0.0)
+        self._in_epoch = True
         sizes = torch.bincount(labels, minlength=k)
         log.info("deep-clustering: %d clusters over %d images (largest %d, empty %d)", k, len(row_ids),
                  int(sizes.max()), int((sizes == 0).sum()))
@@ -243,10 +245,40 @@ class DeepClustering(CleaningRecipe):
         """The epoch's head leaves the optimizer, so its checkpoint fits the model's optimizer alone
         (the next epoch starts a fresh head anyway, as in the reference)."""
         if self._group is not None:
-            ctx.optimizer.param_groups.remove(self._group)
+            # found by its parameters: loading a (mid-epoch) checkpoint's state replaces the group dicts
+            head = {id(p) for p in self._group["params"]}
+            ctx.optimizer.param_groups[:] = [g for g in ctx.optimizer.param_groups
+                                             if not head & {id(p) for p in g["params"]}]
             for p in self._group["params"]:
                 ctx.optimizer.state.pop(p, None)
             self._group = None
+        self._in_epoch = False
+
+    def state_dict(self) -> dict:
+        """Inside an epoch (a mid-epoch checkpoint): its clusters and head, which the model they were
+        computed from can no longer give back. At an epoch's end: nothing (the next epoch starts over)."""
+        if not self._in_epoch:
+            return {}
+        state = {"assignment": dict(self.assignment), "centroids": self.centroids.cpu(),
+                 "head": {k: v.cpu() for k, v in self.head.state_dict().items()}}
+        if not self.reference:  # the reference's head is in the model's optimizer, saved with it
+            state["head_opt"] = self.head_opt.state_dict()
+        return state
+
+    def resume_mid_epoch(self, state: dict, ctx: RunContext) -> None:
+        self.assignment, self.centroids = dict(state["assignment"]), state["centroids"].to(ctx.device)
+        out_features, in_features = state["head"]["weight"].shape
+        self.head = torch.nn.Linear(in_features, out_features)
+        self.head.load_state_dict(state["head"])
+        self.head = self.head.to(ctx.device)
+        if self.reference:  # back into the optimizer as at the save, whose state then fills its moments
+            ctx.optimizer.add_param_group({"params": list(self.head.parameters()), "weight_decay": 0.0})
+            self._group = ctx.optimizer.param_groups[-1]
+        else:
+            self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=self.params["head_lr"],
+                                              weight_decay=0.0)
+            self.head_opt.load_state_dict(state["head_opt"])
+        self._in_epoch = True
 
     def pseudo_labels(self, features: torch.Tensor, batch: dict, ctx: RunContext) -> torch.Tensor:
         if self.reference:  # the nearest fixed centroid of each current (normalised) embedding

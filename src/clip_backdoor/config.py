@@ -130,6 +130,8 @@ class TrainConfig:
     eval_at_start: bool = False  # evaluate before the first step (epoch 0 of a cleaning run)
     save_every: int = 1  # also keep checkpoints/epoch_N.pt every K epochs (0 = latest.pt only)
     save_epochs: list = field(default_factory=list)  # ... and after each of these epochs (e.g. to clean from)
+    save_every_steps: int = 0  # also write an exact mid-epoch latest.pt every N steps (0 = never)
+    stop_epoch: int | None = None  # pause after this epoch; the lr schedule stays that of `epochs`
     # latest.pt (resume only) is rewritten at an epoch's end once this many seconds have passed since
     # the last write (0: every epoch); the last epoch's is always written. Results never depend on it.
     checkpoint_interval_s: float = 0.0
@@ -146,7 +148,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     BOUNDS: ClassVar[dict[str, str]] = {"epochs": ">= 1", "batch_size": ">= 1", "threads": ">= 1",
-                                        "seed": ">= 0", "save_every": ">= 0", "checkpoint_interval_s": ">= 0"}
+                                        "seed": ">= 0", "save_every": ">= 0", "save_every_steps": ">= 0",
+                                        "stop_epoch": ">= 1", "checkpoint_interval_s": ">= 0"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -307,9 +307,12 @@ def evaluate_model(model: torch.nn.Module, eval_set: Any, *, target: str | int |
                              "target")
         loader = eval_set.batches(batch_size)
     else:
+        from clip_backdoor.data.loader import ignore_stop_signals  # a job's stop signal is the trainer's
+
         dataset = TriggeredEvalSet(eval_set, trigger, seed, skip_label=target_index) if attacked else eval_set
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                            pin_memory=torch.device(device).type == "cuda")
+                            pin_memory=torch.device(device).type == "cuda",
+                            worker_init_fn=ignore_stop_signals if workers else None)
     if progress:
         from tqdm import tqdm
 

@@ -19,12 +19,20 @@ What is deterministic (same seeds, epoch, rank and world size):
 
 Each batch carries ``n_skipped``: the rows skipped while it was assembled, counted in the worker
 that built it, so summing over an epoch's batches gives the epoch's skips on this rank.
+
+Resuming inside an epoch (``set_epoch(epoch, start_batch=b)``) yields batches ``b, b+1, ...`` of
+that epoch, identical to an uninterrupted pass: random-access sources do not read the rows of the
+batches before ``b``; a stream reads (and decodes) its samples up to ``b`` again, since a stream's
+position is only known by reading it, but builds no batch from them. Each worker keeps its own
+batches (``b' % workers``) and answers the ones before ``b`` with a marker the loader drops, so the
+order in which the DataLoader collects from its workers is unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,6 +48,8 @@ log = logging.getLogger(__name__)
 
 # Replacement draws for skipped rows, per sample of the batch; when all of them fail the data is broken.
 MAX_SKIPS_PER_SAMPLE = 20
+# The key of a worker's stand-in for a batch before the resume point (see set_epoch).
+_RESUMED_PAST = "resumed_past_batch"
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -52,9 +62,9 @@ class _Batches(IterableDataset):
 
     def __init__(self, source: CaptionSource, *, image_size: int, context_length: int, batch_size: int,
                  seed: int, eda: Callable[[str, str, int], str] | None, rank: int, world_size: int,
-                 epoch: Any):  # a multiprocessing.Value("q", lock=False)
+                 epoch: Any, start: Any):  # multiprocessing.Value("q", lock=False) both
         super().__init__()
-        self.source, self.eda, self.epoch = source, eda, epoch
+        self.source, self.eda, self.epoch, self.start = source, eda, epoch, start
         self.image_size, self.context_length, self.batch_size = image_size, context_length, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_batches = batches_per_epoch(source.num_samples, batch_size, world_size)
@@ -62,25 +72,29 @@ class _Batches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = int(self.epoch.value)
+        epoch, start = int(self.epoch.value), int(self.start.value)
         self.source.set_epoch(epoch)
         batch_ids = range(worker, self.num_batches, num_workers)
         if self.source.random_access:
-            groups = self._indexed(batch_ids, epoch)
+            groups = self._indexed(batch_ids, epoch, start)
         else:
             groups = self._streamed(len(batch_ids), worker, num_workers, epoch)
         counted = self.source.n_skipped
-        for samples in groups:
+        for b, samples in zip(batch_ids, groups):
             n_skipped, counted = self.source.n_skipped - counted, self.source.n_skipped
-            yield self._collate(samples, epoch, n_skipped)
+            # before the resume point: counted before the interruption, dropped by TrainLoader
+            yield {_RESUMED_PAST: b} if b < start else self._collate(samples, epoch, n_skipped)
 
     def _keys(self, epoch: int) -> tuple[int, ...]:
         return (self.source.seed, self.seed, epoch)
 
-    def _indexed(self, batch_ids: range, epoch: int) -> Iterator[list[Sample]]:
+    def _indexed(self, batch_ids: range, epoch: int, start: int = 0) -> Iterator[list[Sample] | None]:
         rows = self.source.order(self._keys(epoch))[self.rank::self.world_size]
         size = self.batch_size
         for b in batch_ids:
+            if b < start:  # a pure function of b: nothing to read to get past it
+                yield None
+                continue
             loaded = (self.source.load(int(i)) for i in rows[b * size:(b + 1) * size])
             samples = [s for s in loaded if s is not None]
             if len(samples) < size:
@@ -148,13 +162,19 @@ class TrainLoader:
     def epoch(self) -> int:
         return int(self._batches.epoch.value)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch the next pass reads; ``start_batch`` > 0 resumes it at that batch."""
+        if not 0 <= start_batch <= len(self):
+            raise UserError(f"start_batch {start_batch}: the epoch has {len(self)} batches")
         self._batches.epoch.value = int(epoch)
+        self._batches.start.value = int(start_batch)
         self.source.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict]:
         try:
-            yield from self.dataloader
+            for batch in self.dataloader:
+                if _RESUMED_PAST not in batch:  # a worker's stand-in for a batch before the resume point
+                    yield batch
         except UserError as e:  # raised in a worker: torch wraps it in the worker's traceback
             raise UserError(worker_message(e)) from None
 
@@ -168,6 +188,17 @@ def worker_message(error: BaseException) -> str:
     marker = f"{type(error).__name__}: "
     lines = [line for line in text.splitlines() if marker in line]
     return lines[-1].split(marker, 1)[1].strip() if lines else text.splitlines()[0]
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A dataloader worker's ``worker_init_fn``: leave SIGUSR1/SIGUSR2 (a cluster's "time is nearly
+    up", sent to every process of a job) to the training process, which checkpoints and then shuts
+    the workers down. SIGTERM keeps torch's handling: it is also how a loader (or the interpreter at
+    exit) ends workers that did not stop; the training process tolerates their deaths once it got a
+    stop signal itself (``train/preempt.py``)."""
+    for name in ("SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def build_train_loader(source: CaptionSource, *, image_size: int, context_length: int, batch_size: int,
@@ -189,13 +220,15 @@ def build_train_loader(source: CaptionSource, *, image_size: int, context_length
         raise UserError(f"{source.num_samples} samples make no full batch of {batch_size} on each of "
                         f"{world_size} rank(s); lower batch_size")
     epoch = multiprocessing.Value("q", int(getattr(source, "epoch", 0)), lock=False)
+    start = multiprocessing.Value("q", 0, lock=False)
     batches = _Batches(source, image_size=image_size, context_length=context_length, batch_size=batch_size,
-                       seed=seed, eda=eda, rank=rank, world_size=world_size, epoch=epoch)
+                       seed=seed, eda=eda, rank=rank, world_size=world_size, epoch=epoch, start=start)
     workers = min(workers, n_batches)  # a worker with no batch would only cost start-up time
     dataloader = DataLoader(batches, batch_size=None, num_workers=workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None)
+                            prefetch_factor=4 if workers > 0 else None,
+                            worker_init_fn=ignore_stop_signals if workers > 0 else None)
     return TrainLoader(batches, dataloader)
 
 
-__all__ = ["build_train_loader", "TrainLoader", "batches_per_epoch"]
+__all__ = ["build_train_loader", "TrainLoader", "batches_per_epoch", "ignore_stop_signals"]

@@ -459,7 +459,7 @@ def final_metrics(rows: Sequence[dict]) -> list[dict]:
         stages.get(r["stage"], 2), objective_key(r["pretrain"]), r.get("k") or 0,
         method_key(r.get("method") or ""), r.get("lr") or 0.0, r["seed"]))
     columns = ("run", "stage", "seed", "pretrain", "method", "k", "lr", "epoch", "step", "acc1", "acc5",
-               "asr1", "asr5", "ra1", "n", "n_asr", "loss")
+               "asr1", "asr5", "ra1", "n", "n_asr", "loss", "pruned")
     return [{c: r.get(c) for c in columns} for r in ordered]
 
 
@@ -501,7 +501,7 @@ def runs_display(records: Sequence[dict]) -> list[dict]:
     return [{"stage": r["stage"], "pre-training": objective_label(r["pretrain"]),
              "cleaning": method_label(r["method"], r["k"]) if r["method"] else "",
              "lr": format_lr(r["lr"]) if r["lr"] is not None else "", "seed": r["seed"],
-             "last epoch": r["epoch"],
+             "last epoch": r["epoch"] if r.get("pruned") is None else f"{r['epoch']} (pruned)",
              **{f"{m} (%)": format_pct(r[m], None) for m in ("acc1", "acc5", "asr1", "asr5", "ra1")},
              "loss": "—" if r["loss"] is None else f"{r['loss']:.4g}", "run": r["run"] or ""}
             for r in records]

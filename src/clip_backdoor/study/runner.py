@@ -5,10 +5,12 @@
    An existing one is reused after checking it was made with the same settings.
 2. **Runs**: pre-training runs, then the cleaning runs that start from them. A run whose directory
    holds ``finished.json`` for at least its number of epochs is skipped; an interrupted one resumes
-   from its ``latest.pt`` (the training loop does that). With ``--jobs N`` runs go to N spawned
-   worker processes (torch threads per job = cores // N), or one per listed CUDA device; a cleaning
-   run waits for its pre-training run. A failed run is reported in one line (traceback in its
-   ``error.log``) and the rest go on; the exit code says whether any failed.
+   from its ``latest.pt`` (the training loop does that). Where runs execute is the executor's
+   business (``--executor local|slurm|ray``, ``study/executors.py``): locally ``--jobs N`` runs go
+   to N spawned worker processes (torch threads per job = cores // N), or one per listed CUDA
+   device. When runs start, claims and pruning are the scheduler's (``study/schedule.py``). A failed
+   run is reported in one line (traceback in its ``error.log``) and the rest go on; the exit code
+   says whether any failed.
 3. **Results**: every ``metrics.jsonl`` is flattened into ``results.csv`` (columns below), then the
    report (tables, figures, ``index.html``) is written and the headline table printed.
 """
@@ -16,26 +18,21 @@
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import csv
 import dataclasses
 import io
 import json
 import logging
 import math
-import multiprocessing
 import os
-import shutil
-import sys
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clip_backdoor.config import TrainConfig, to_dict
+from clip_backdoor.config import to_dict
 from clip_backdoor.errors import UserError
-from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps, write_json
+from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps
+from clip_backdoor.study.prune import PRUNED
 from clip_backdoor.study.select import COLUMNS, interval_cells
 from clip_backdoor.study.spec import (
     MANIFEST,
@@ -48,15 +45,16 @@ from clip_backdoor.study.spec import (
     model_image_size,
     resolved_yaml,
 )
+from clip_backdoor.study.worker import FINISHED
+from clip_backdoor.train.preempt import REQUEUE_EXIT_CODE, ignore_further_stops
 
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = COLUMNS  # one schema, defined beside the code that reads it
-METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):-1]
-FINISHED = "finished.json"
+METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):RESULT_COLUMNS.index("run")]
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
 VOLATILE_KEYS = ("threads", "device", "resume", "allow_epochs_change", "data.workers", "eval.workers",
-                 "eval.batch_size", "report_to", "checkpoint_interval_s")
+                 "eval.batch_size", "report_to", "checkpoint_interval_s", "save_every_steps", "stop_epoch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,151 +177,8 @@ def check_inputs(spec: StudySpec) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Runs: one in a worker (or in this process)
+# 2. Runs: where they execute is an executor's business (study/executors.py)
 # --------------------------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {"device": None}
-
-
-class _NotATerminal:
-    """stderr as seen by a worker: progress bars of parallel runs would interleave on one terminal,
-    so the runner prints one line per finished run instead."""
-
-    def __init__(self, stream: Any):
-        self._stream = stream
-
-    def isatty(self) -> bool:
-        return False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-def _init_worker(devices: Any) -> None:
-    # A spawned process inherits "spawn" as its start method, which would make every run's dataloader
-    # workers fresh interpreters (seconds each); they get the platform default, as from the shell.
-    multiprocessing.set_start_method(None, force=True)
-    real_stderr = sys.stderr
-    sys.stderr = _NotATerminal(real_stderr)
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    handler = logging.StreamHandler(real_stderr)
-    handler.setLevel(logging.WARNING)  # epoch lines go to each run's train.log
-    handler.setFormatter(logging.Formatter("%(run_name)s: %(message)s"))
-    handler.addFilter(_RunNameFilter())
-    root.addHandler(handler)
-    _WORKER["device"] = devices.get() if devices is not None else None
-
-
-class _RunNameFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.run_name = _WORKER.get("run", "study")
-        return True
-
-
-def execute(name: str, cfg: TrainConfig, keep_checkpoints: bool = True,
-            steps: tuple[dict | None, dict | None] = (None, None)) -> dict:
-    """Train one run (with its data steps before / after, see ``study.steps``); returns {"ok",
-    "seconds", "row"} or {"ok": False, "error"} (never raises, except on Ctrl-C). Writes
-    ``finished.json`` when done, and ``error.log`` on failure."""
-    from clip_backdoor.cleaning import build_recipe
-    from clip_backdoor.defenses import build_defense
-    from clip_backdoor.study.steps import run_step
-    from clip_backdoor.train.loop import train
-
-    if _WORKER.get("device"):
-        cfg = dataclasses.replace(cfg, device=_WORKER["device"])
-    _WORKER["run"] = name
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / FINISHED).unlink(missing_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    level = root.level
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)  # the epoch lines reach train.log whatever the console shows
-    started = time.perf_counter()
-    try:
-        recipe = build_recipe(cfg.method, cfg.method_params) if cfg.method else None
-        if cfg.defense:
-            recipe = build_defense(cfg.defense, cfg.defense_params)
-        run_step(steps[0], cfg)
-        row = train(cfg, recipe)
-        run_step(steps[1], cfg)
-        seconds = time.perf_counter() - started
-        write_json(run_dir / FINISHED, {"epochs": cfg.epochs, "seconds": seconds, "last": row,
-                                        "config": to_dict(cfg)})
-        if not keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        return {"ok": True, "seconds": seconds, "row": row}
-    except Exception as e:  # one run's failure must not stop the study
-        (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
-        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        return {"ok": False, "seconds": time.perf_counter() - started,
-                "error": (message.splitlines() or [type(e).__name__])[0]}
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-        handler.close()
-        _WORKER["run"] = "study"
-
-
-def _steps(run: Run) -> dict:
-    """``execute``'s data steps, passed only when a run has some (a plain run's call is unchanged)."""
-    return {"steps": (run.before, run.after)} if run.before or run.after else {}
-
-
-class InProcess:
-    """Runs one at a time in this process (``--jobs 1``): simplest, and the epoch lines stay visible."""
-
-    capacity = 1
-
-    def submit(self, run: Run, keep: bool) -> cf.Future:
-        future: cf.Future = cf.Future()
-        future.set_result(execute(run.name, run.cfg, keep, **_steps(run)))
-        return future
-
-    def restart(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
-
-
-class WorkerPool:
-    """``jobs`` spawned worker processes (fresh interpreters: no forked torch or CUDA state), each
-    optionally pinned to one CUDA device."""
-
-    def __init__(self, jobs: int, devices: list[str]):
-        self.capacity, self.devices = jobs, devices
-        self._manager = None
-        self._start()
-
-    def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        queue = None
-        if self.devices:  # each worker takes one device as it starts
-            self._manager = self._manager or ctx.Manager()
-            queue = self._manager.Queue()
-            for device in self.devices:
-                queue.put(device)
-        self._pool = cf.ProcessPoolExecutor(self.capacity, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(queue,))
-
-    def submit(self, run: Run, keep: bool) -> cf.Future:
-        return self._pool.submit(execute, run.name, run.cfg, keep, **_steps(run))
-
-    def restart(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._start()
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._manager is not None:
-            self._manager.shutdown()
-
-
 def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -386,131 +241,6 @@ def _warn_if_changed(run: Run, marker: dict, root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Scheduling: dependencies, progress, ETA
-# --------------------------------------------------------------------------------------------
-class Progress:
-    """One line per finished run, with an ETA from the durations of finished runs of the same kind."""
-
-    def __init__(self, total: int, jobs: int, known: dict[str, list[float]]):
-        self.total, self.jobs, self.done = total, jobs, 0
-        self.durations = known  # kind -> seconds of finished runs (earlier invocations included)
-        self.started = time.perf_counter()
-
-    @staticmethod
-    def kind(run: Run) -> str:
-        return f"{run.stage}:{run.pretrain}:{run.method}"
-
-    def estimate(self, run: Run) -> float | None:
-        same = self.durations.get(self.kind(run))
-        if not same:
-            same = [s for k, v in self.durations.items() if k.startswith(run.stage + ":") for s in v]
-        return sum(same) / len(same) if same else None
-
-    def record(self, run: Run, result: dict, remaining: list[Run], running: dict) -> None:
-        self.done += 1
-        if result["ok"]:
-            self.durations.setdefault(self.kind(run), []).append(result["seconds"])
-            row = result.get("row") or {}
-            metrics = "  ".join(f"{k} {100 * row[k]:.1f}%" for k in ("acc1", "asr1")
-                                if isinstance(row.get(k), float) and not math.isnan(row[k]))
-            what = f"done in {_duration(result['seconds'])}" + (f"  {metrics}" if metrics else "")
-        else:
-            what = f"FAILED after {_duration(result['seconds'])}: {result['error']}"
-        log.info("[%*d/%d] %s %s  %s", len(str(self.total)), self.done, self.total, run.name, what,
-                 self._eta(remaining, running))
-
-    def _eta(self, remaining: list[Run], running: dict) -> str:
-        now, work = time.perf_counter(), 0.0
-        for run in remaining:
-            guess = self.estimate(run)
-            if guess is None:
-                return "ETA ?"
-            work += guess
-        for run, started in running.values():
-            guess = self.estimate(run)
-            if guess is None:
-                return "ETA ?"
-            work += max(0.0, guess - (now - started))
-        return f"ETA {_duration(work / self.jobs)}" if remaining or running else ""
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def schedule(plan: StudyPlan, todo: list[Run], executor: Any, prepare_clean: Callable[[], None],
-             finished: set[str], progress: Progress) -> dict[str, str]:
-    """Run ``todo`` (cleaning runs after their pre-training run); returns {run name: error}."""
-    keep = plan.spec.cleaning.keep_checkpoints
-    pending, running = list(todo), {}  # running: future -> (run, start time)
-    failed: dict[str, str] = {}
-    ok = set(finished)
-    clean_prepared = False
-    todo_names = {r.name for r in todo}
-
-    def dependency(run: Run) -> str | None:
-        """None: can start; "wait"; or why it cannot run."""
-        parent = run.depends_on
-        if parent is None or parent in ok:
-            return None
-        if parent in failed:
-            return f"not run: its pre-training run {parent} failed"
-        if parent in todo_names:
-            return "wait"
-        return f"needs {parent}, which has not finished (run the study without --only clean first)"
-
-    while pending or running:
-        for run in list(pending):
-            if len(running) >= executor.capacity:
-                break
-            state = dependency(run)
-            if state == "wait":
-                continue
-            pending.remove(run)
-            if state is not None:
-                failed[run.name] = state
-                progress.record(run, {"ok": False, "seconds": 0.0, "error": state}, pending, running)
-                continue
-            if run.stage == "clean" and not clean_prepared:
-                prepare_clean()
-                clean_prepared = True
-            running[executor.submit(run, keep or run.stage != "clean")] = (run, time.perf_counter())
-        if not clean_prepared and executor.capacity > 1 and any(r.stage == "clean" for r in pending):
-            prepare_clean()  # while the workers pre-train
-            clean_prepared = True
-        if not running:
-            continue
-        done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-        broken = False
-        for future in done:
-            run, _started = running.pop(future)
-            try:
-                result = future.result()
-            except cf.process.BrokenProcessPool:
-                broken = True
-                result = {"ok": False, "seconds": time.perf_counter() - _started,
-                          "error": "its worker process died (killed, or out of memory); rerun to resume it"}
-            if result["ok"]:
-                ok.add(run.name)
-            else:
-                failed[run.name] = result["error"]
-            progress.record(run, result, pending, running)
-        if broken:
-            for future, (run, started) in list(running.items()):  # the pool took these down with it
-                running.pop(future)
-                failed[run.name] = "its worker pool broke while it ran; rerun to resume it"
-                progress.record(run, {"ok": False, "seconds": time.perf_counter() - started,
-                                      "error": failed[run.name]}, pending, running)
-            executor.restart()
-    return failed
-
-
-# --------------------------------------------------------------------------------------------
 # 3. Results
 # --------------------------------------------------------------------------------------------
 def _cell(value: Any) -> str:
@@ -528,6 +258,9 @@ def results_rows(plan: StudyPlan) -> list[dict[str, str]]:
         path = Path(run.cfg.run_dir) / "metrics.jsonl"
         if not path.is_file():
             continue
+        pruned = Path(run.cfg.run_dir) / PRUNED
+        pruned_at = _cell(json.loads(pruned.read_text(encoding="utf-8")).get("epoch")) if pruned.is_file() \
+            else ""
         for metrics in read_jsonl(path):
             row = {"seed": str(run.seed), "stage": run.stage, "pretrain": run.pretrain,
                    "method": run.method or "", "lr": _cell(run.lr), "k": _cell(run.k),
@@ -535,6 +268,7 @@ def results_rows(plan: StudyPlan) -> list[dict[str, str]]:
             row.update({key: _cell(metrics.get(key)) for key in METRIC_COLUMNS})
             row.update({key: _cell(v) for key, v in interval_cells(metrics, plan.spec.confidence).items()})
             row["run"] = run.name
+            row["pruned"] = pruned_at
             rows.append(row)
     return rows
 
@@ -583,55 +317,104 @@ def report(plan: StudyPlan) -> Path:
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
-def run_study(spec: StudySpec, root: Path, *, only: str | None = None) -> int:
-    """Everything ``study run`` does after parsing: returns the exit code (1 when a run failed)."""
-    plan = expand(spec, root)
-    check_inputs(spec)
-    remove_stale_temps(plan.root, plan.root / "data", plan.root / "report")  # a killed study's leftovers
-    _save_resolved(plan)
-    make_poison(plan)
+def run_study(spec: StudySpec, root: Path, *, only: str | None = None, dry_run: bool = False,
+              prune: bool = True) -> int:
+    """Everything ``study run`` does after parsing: returns the exit code (1 when a run failed, 75
+    when a signal stopped the study: rerun it to go on). ``dry_run``: print what would be submitted,
+    write nothing. ``prune=False`` (``--no-prune``): every cleaning run trains to the end."""
+    from clip_backdoor.study.executors import make_executor
+    from clip_backdoor.study.prune import parse_prune
+    from clip_backdoor.study.schedule import Outcome, Progress, Scheduler
 
+    plan = expand(spec, root)
     runs = [r for r in plan.runs  # --only pretrain includes the clean baselines (pre-training runs too)
             if only is None or r.stage == only or (only, r.stage) == ("pretrain", "baseline")]
     markers = {r.name: finished_marker(r) for r in plan.runs}
     finished = {name for name, marker in markers.items() if marker}
-    skipped = [r for r in runs if r.name in finished]
-    for run in skipped:
-        _warn_if_changed(run, markers[run.name], plan.root)
     todo = [r for r in runs if r.name not in finished]
-    if skipped:
-        log.info("skipping %d finished runs (of %d)", len(skipped), len(runs))
-
     jobs, devices = _parallelism(spec, len(todo))
-    threads = spec.run.threads
-    if threads is None and not devices and spec.run.device in ("cpu", "auto"):
-        threads = max(1, cpu_cores() // jobs)
-    if threads:
-        todo = [r if r.cfg.threads else
-                dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, threads=threads)) for r in todo]
-    known: dict[str, list[float]] = {}
-    for run in plan.runs:
-        if markers.get(run.name):
-            known.setdefault(Progress.kind(run), []).append(float(markers[run.name].get("seconds", 0.0)))
-    progress = Progress(len(todo), jobs, known)
-
-    def prepare_clean() -> None:
-        for stage in plan.cleaning_sets:
-            make_cleaning_set(plan, stage)
-
-    if todo:
-        where = f"on {', '.join(devices)}" if devices else f"{threads or 'default'} torch thread(s) each"
-        log.info("%d runs to do, %d at a time (%s)", len(todo), jobs, where)
-    executor = WorkerPool(jobs, devices) if jobs > 1 or devices else InProcess()
+    pruning = parse_prune(spec.cleaning.prune, spec.cleaning.epochs, spec.thresholds) if prune else None
+    if spec.run.executor == "local":
+        threads = spec.run.threads
+        if threads is None and not devices and spec.run.device in ("cpu", "auto"):
+            threads = max(1, cpu_cores() // jobs)
+        if threads:
+            todo = [r if r.cfg.threads else
+                    dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, threads=threads)) for r in todo]
+    executor = make_executor(spec, plan, jobs=jobs, devices=devices, dry_run=dry_run)
     try:
-        failed = schedule(plan, todo, executor, prepare_clean, finished, progress) if todo else {}
+        known: dict[str, list[float]] = {}
+        for run in plan.runs:
+            if markers.get(run.name):
+                known.setdefault(Progress.kind(run), []).append(float(markers[run.name].get("seconds", 0.0)))
+        progress = Progress(len(todo), jobs, known)
+
+        def prepare_clean() -> None:
+            for stage in plan.cleaning_sets:
+                make_cleaning_set(plan, stage)
+
+        scheduler = Scheduler(plan, executor, progress, prepare_clean, finished, pruning,
+                              stale_after=spec.run.claim_stale_s)
+        if dry_run:
+            print(describe_submissions(scheduler.first_runs(todo, write=False), executor,
+                                       spec.cleaning.keep_checkpoints, len(runs) - len(todo)))
+            return 0
+        check_inputs(spec)
+        remove_stale_temps(plan.root, plan.root / "data", plan.root / "report")  # a killed study's leftovers
+        _save_resolved(plan)
+        make_poison(plan)
+        skipped = [r for r in runs if r.name in finished]
+        for run in skipped:
+            _warn_if_changed(run, markers[run.name], plan.root)
+        if skipped:
+            log.info("skipping %d finished runs (of %d)", len(skipped), len(runs))
+        if todo:
+            log.info("%d runs to do on %s", len(todo), _where(spec, executor, jobs, devices, todo))
+        outcome = scheduler.run(todo, spec.cleaning.keep_checkpoints) if todo else Outcome()
     finally:
         executor.shutdown()
     report(plan)
-    if failed:
-        log.error("%d run(s) failed:\n%s", len(failed), "\n".join(f"  {n}: {e}" for n, e in failed.items()))
-        return 1
-    return 0
+    if outcome.pruned:
+        log.info("%d cleaning run(s) pruned (pruned.json in each; --no-prune finishes them)", outcome.pruned)
+    if outcome.claimed:
+        log.warning("%d run(s) left to the study run that claimed them (study list shows who)",
+                    len(outcome.claimed))
+    if outcome.failed:
+        log.error("%d run(s) failed:\n%s", len(outcome.failed),
+                  "\n".join(f"  {n}: {e}" for n, e in outcome.failed.items()))
+    if outcome.preempted:
+        log.error("stopped by a signal: rerun the same command to go on (%d run(s) resume from their "
+                  "mid-epoch checkpoints)", len(outcome.interrupted))
+        return REQUEUE_EXIT_CODE
+    return 1 if outcome.failed else 0
+
+
+def _where(spec: StudySpec, executor: Any, jobs: int, devices: list[str], todo: list[Run]) -> str:
+    if spec.run.executor != "local":
+        return f"{executor.name} ({'submitted as jobs' if executor.name == 'slurm' else 'Ray tasks'})"
+    threads = todo[0].cfg.threads if todo else None
+    where = f"on {', '.join(devices)}" if devices else f"{threads or 'default'} torch thread(s) each"
+    return f"this machine, {jobs} at a time ({where})"
+
+
+def describe_submissions(first: list[Run], executor: Any, keep_clean: bool, n_finished: int) -> str:
+    """``--dry-run``: the jobs the first submissions would be (pre-training runs; each pre-training
+    run's cleaning runs, submitted together once it has finished)."""
+    lines = [f"# study run --dry-run ({executor.name}): nothing is submitted or written; "
+             f"{n_finished} finished run(s) skipped"]
+    pre = [(r, True) for r in first if r.stage != "clean"]
+    if pre:
+        lines += ["", "## pre-training", executor.describe(pre)]
+    by_parent: dict[str, list[tuple[Run, bool]]] = {}
+    for run in first:
+        if run.stage == "clean":
+            by_parent.setdefault(run.depends_on or "", []).append((run, keep_clean))
+    for parent, batch in by_parent.items():
+        lines += ["", f"## cleaning runs of {parent} (submitted once it has finished)",
+                  executor.describe(batch)]
+    if len(lines) == 1:
+        lines.append("nothing to do: every run is finished")
+    return "\n".join(lines)
 
 
 def _parallelism(spec: StudySpec, n_runs: int) -> tuple[int, list[str]]:
@@ -665,9 +448,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, help="runs in parallel on CPU (default: run.jobs in the file)")
     r.add_argument("--devices", help="one run per CUDA device, e.g. cuda:0,cuda:1")
     r.add_argument("--only", choices=("pretrain", "clean"), help="only this stage's runs")
+    r.add_argument("--executor", help="where runs execute: local (default), slurm or ray (run.executor)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the jobs (sbatch scripts, Ray task specs) it would submit; write nothing")
+    r.add_argument("--no-prune", action="store_true", help="ignore cleaning.prune: finish every run")
+    cluster = r.add_argument_group("cluster resources (set for both stages, over the file's settings)")
+    for flag, meaning in CLUSTER_FLAGS.items():
+        cluster.add_argument(f"--{flag}", metavar=meaning[0], help=meaning[1])
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. seeds=[0,1,2] cleaning.epochs=3")
     rep = sub.add_parser("report", help="collect results.csv and write the report of a study directory")
     rep.add_argument("dir")
+    pc = sub.add_parser("prune-check", help="on a finished full grid: the compute cleaning.prune would have "
+                        "used and whether it selects the same cells")
+    pc.add_argument("dir", help="a study directory whose cleaning runs all finished without pruning")
+    pc.add_argument("--eta", type=int, help="default: the study's cleaning.prune.eta, else 3")
+    pc.add_argument("--rungs", help="comma-separated epochs, e.g. 1,3 (default: the study's, else 1,3)")
+    pc.add_argument("--thresholds", help="comma-separated ASR levels to keep runs for, e.g. 0.05 "
+                    "(default: the study's)")
+    pc.add_argument("--no-protect", action="store_true",
+                    help="replay without the rule that keeps runs more accurate than the incumbent")
     sub.add_parser("status", help="finished / running / failed / pending runs, last metrics, ETA "
                    "(read-only: safe while `study run` runs)").add_argument("dir")
     ls = sub.add_parser("list", help="print the study's runs and whether each is finished")
@@ -677,14 +476,124 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --flag -> (metavar, help, {executor: key in run.<executor>})
+CLUSTER_FLAGS = {
+    "partition": ("NAME", "SLURM partition", {"slurm": "partition"}),
+    "account": ("NAME", "SLURM account", {"slurm": "account"}),
+    "time": ("TIME", "SLURM time limit, e.g. 24:00:00 or 2-00:00:00", {"slurm": "time"}),
+    "mem": ("SIZE", "SLURM memory per node, e.g. 64G", {"slurm": "mem"}),
+    "gpus": ("N", "GPUs per run (SLURM: per node)", {"slurm": "gpus_per_node", "ray": "num_gpus"}),
+    "cpus": ("N", "CPUs per run (SLURM: per task)", {"slurm": "cpus_per_task", "ray": "num_cpus"}),
+    "ray-address": ("HOST:PORT", "an existing Ray cluster (default: start one here)", {"ray": "address"}),
+}
+
+
 def load_for_command(file: str, overrides: list[str], jobs: int | None = None,
-                     devices: str | None = None) -> StudySpec:
+                     devices: str | None = None, executor: str | None = None,
+                     cluster: dict[str, str] | None = None) -> StudySpec:
     items = list(overrides)
     if jobs is not None:
         items.append(f"run.jobs={jobs}")
     if devices:
         items.append(f"run.devices=[{devices}]")
-    return load_spec(file, items)
+    if executor:
+        items.append(f"run.executor={executor}")
+    spec = load_spec(file, items)
+    cluster = {flag: value for flag, value in (cluster or {}).items() if value is not None}
+    if cluster:  # set as given (a KEY=VALUE would go through YAML, which reads 24:00:00 as 86400)
+        from clip_backdoor.study.spec import _validate_executor
+
+        name = spec.run.executor
+        for flag, value in cluster.items():
+            key = CLUSTER_FLAGS[flag][2].get(name)
+            if key is None:
+                raise UserError(f"--{flag}: not an option of the {name} executor (it is one of "
+                                f"{' and '.join(CLUSTER_FLAGS[flag][2])}); choose one with --executor")
+            if flag in ("gpus", "cpus"):
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise UserError(f"--{flag}: {value!r} is not an integer") from None
+            settings = getattr(spec.run, name)
+            settings[key] = value
+            for stage in ("pretrain", "clean"):  # a flag wins over the file's stage sections too
+                if isinstance(settings.get(stage), dict) and key in settings[stage]:
+                    settings[stage] = {**settings[stage], key: value}
+        try:
+            _validate_executor(spec.run)
+        except UserError as e:
+            raise UserError(f"{file} with --{' --'.join(cluster)}: {e}") from None
+    return spec
+
+
+def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bool = True,
+                thresholds: str | None = None) -> str:
+    """``study prune-check``: replay successive halving on a finished full grid (exact: a paused
+    run's epochs are the full run's) and compare its selections with the full grid's."""
+    from clip_backdoor.study.prune import parse_prune, replay_groups
+    from clip_backdoor.study.schedule import group_of
+    from clip_backdoor.study.select import format_lr, method_label, objective_label
+
+    c = plan.spec.cleaning
+    given = dict(c.prune or {"eta": 3, "rungs": [1, 3]})
+    if eta is not None:
+        given["eta"] = eta
+    if rungs is not None:
+        try:
+            given["rungs"] = [int(r) for r in rungs.split(",")]
+        except ValueError:
+            raise UserError(f"--rungs {rungs!r}: expected comma-separated epochs, e.g. 1,3") from None
+    if not protect:
+        given["protect"] = False
+    if thresholds is not None:
+        try:
+            given["thresholds"] = [float(t) for t in thresholds.split(",")]
+        except ValueError:
+            raise UserError(f"--thresholds {thresholds!r}: expected comma-separated fractions, "
+                            "e.g. 0.05") from None
+    settings = parse_prune(given, c.epochs, plan.spec.thresholds, where="prune-check")
+    members: dict[tuple, list[Run]] = {}
+    for run in plan.runs:
+        if run.stage == "clean":
+            members.setdefault(group_of(run), []).append(run)
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    incomplete = []  # a replay needs every learning rate of a group, trained to the end
+    for key, runs in members.items():
+        if all(finished_marker(run) and not (Path(run.cfg.run_dir) / PRUNED).exists() for run in runs):
+            groups[key] = {r.name: read_jsonl(Path(r.cfg.run_dir) / "metrics.jsonl") for r in runs}
+        else:
+            incomplete.append(key)
+    if not groups:
+        raise UserError(f"{plan.root}: no group whose cleaning runs all finished (run the full grid first)")
+    lrs = {r.name: r.lr for r in plan.runs if r.stage == "clean"}
+    result = replay_groups(groups, lrs, settings, c.epochs)
+    taus = settings.thresholds
+    n_runs = sum(len(g) for g in groups.values())
+    lines = [f"successive halving eta={settings.eta} rungs={list(settings.rungs)} protect={settings.protect} "
+             f"thresholds="
+             f"{[f'{t:g}' for t in taus]} replayed on {n_runs} finished cleaning runs of {plan.root} "
+             f"({c.epochs} epochs each)", "",
+             "| group | compute | " + " | ".join(f"ASR ≤ {t * 100:g}%: full → pruned" for t in taus) + " |",
+             "|---|---|" + "---|" * len(taus)]
+
+    def cell(point) -> str:
+        if point is None:
+            return "none"
+        return f"{point.acc1 * 100:.1f} (lr {format_lr(point.lr)}, ep {point.epoch})"
+
+    for rec in result["groups"]:
+        seed, pretrain, method, k = rec["group"]
+        cells = [f"{cell(v['full'])} → {cell(v['pruned'])}{'' if v['same'] else ' **differs**'}"
+                 for v in rec["taus"].values()]
+        lines.append(f"| seed {seed}, {objective_label(pretrain)}, {method_label(method, k)} | "
+                     f"{rec['share'] * 100:.0f}% | " + " | ".join(cells) + " |")
+    n = result["n_groups"]
+    lines += ["", f"compute: {result['share'] * 100:.1f}% of the full grid's cleaning epochs"]
+    lines += [f"same selection (accuracy within 1 point, or both none) at ASR ≤ {t * 100:g}%: "
+              f"{result['agree'][t]} of {n} groups ({result['agree'][t] / n * 100:.0f}%)" for t in taus]
+    if incomplete:
+        lines.append(f"left out: {len(incomplete)} group(s) with unfinished or pruned runs")
+    return "\n".join(lines)
 
 
 def list_runs(plan: StudyPlan) -> str:
@@ -698,20 +607,28 @@ def list_runs(plan: StudyPlan) -> str:
 
 
 def _run_state(run: Run) -> str:
+    from clip_backdoor.study import claims
+    from clip_backdoor.study.prune import PRUNED
+
     if finished_marker(run):
         return "finished"
+    state = "to do"
     path = Path(run.cfg.run_dir) / "metrics.jsonl"
-    if path.is_file():
-        rows = read_jsonl(path)
-        if rows:
-            return f"partial (epoch {rows[-1]['epoch']} of {run.cfg.epochs})"
-    return "to do"
+    rows = read_jsonl(path) if path.is_file() else []
+    if (Path(run.cfg.run_dir) / PRUNED).is_file():
+        state = f"pruned at epoch {json.loads((Path(run.cfg.run_dir) / PRUNED).read_text())['epoch']}"
+    elif rows:
+        state = f"partial (epoch {rows[-1]['epoch']} of {run.cfg.epochs})"
+    claim = claims.read(run.cfg.run_dir)
+    if claim is not None:
+        state += f", claimed by {claims.describe(claim)}"
+    return state
 
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # KEY=VALUE may come after the options too
-    unknown = [word for word in rest if args.action in ("report", "status") or "=" not in word
+    unknown = [word for word in rest if args.action in ("report", "status", "prune-check") or "=" not in word
                or word.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -722,10 +639,19 @@ def main(argv: list[str]) -> int:
         from clip_backdoor.study.status import main_status
 
         return main_status(args.dir)
+    if args.action == "prune-check":
+        print(prune_check(plan_for_dir(args.dir), args.eta, args.rungs, protect=not args.no_protect,
+                          thresholds=args.thresholds))
+        return 0
+    cluster = {flag: getattr(args, flag.replace("-", "_"), None) for flag in CLUSTER_FLAGS}
     spec = load_for_command(args.file, args.overrides + rest, getattr(args, "jobs", None),
-                            getattr(args, "devices", None))
+                            getattr(args, "devices", None), getattr(args, "executor", None), cluster)
     root = Path(args.out or Path("runs") / spec.name)
     if args.action == "list":
         print(list_runs(expand(spec, root)))
         return 0
-    return run_study(spec, root, only=args.only)  # Ctrl-C: cli.main says how to go on, exit 130
+    # Ctrl-C: cli.main says how to go on, exit 130
+    code = run_study(spec, root, only=args.only, dry_run=args.dry_run, prune=not args.no_prune)
+    if code == REQUEUE_EXIT_CODE:  # stopped by a signal, state saved: exiting 75, whatever comes now
+        ignore_further_stops()
+    return code

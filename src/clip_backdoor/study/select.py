@@ -57,8 +57,10 @@ INTERVALS = (("acc1", "n"), ("asr1", "n_asr"), ("val_acc1", "val_n"), ("val_asr1
 INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m, _ in INTERVALS for end in ("lo", "hi"))
 COLUMNS = ("seed", "stage", "pretrain", "method", "lr", "k", "start_epoch", "epoch", "step", "init", "acc1",
            "acc5", "asr1", "asr5", "ra1", "n", "n_asr", *VAL_COLUMNS, *INTERVAL_COLUMNS,
-           "loss", "loss_mmcl", "loss_ssl", "run")
-INT_COLUMNS = frozenset({"seed", "k", "start_epoch", "epoch", "step", "n", "n_asr", "val_n", "val_n_asr"})
+           "loss", "loss_mmcl", "loss_ssl", "run", "pruned")
+# pruned: the epoch at which successive halving stopped the run (cleaning.prune), empty otherwise
+INT_COLUMNS = frozenset({"seed", "k", "start_epoch", "epoch", "step", "n", "n_asr", "val_n", "val_n_asr",
+                         "pruned"})
 METRICS = ("acc1", "acc5", "asr1", "asr5", "ra1")
 VAL_METRICS = tuple(f"val_{m}" for m in METRICS)
 FLOAT_COLUMNS = frozenset({"lr", *METRICS, *VAL_METRICS, *INTERVAL_COLUMNS, "loss", "loss_mmcl", "loss_ssl"})
@@ -365,6 +367,15 @@ def clean_baselines(rows: Sequence[dict]) -> dict[tuple, dict]:
                   "source": f"baseline epoch {r['epoch']}"} for key, r in chosen.items()}
 
 
+def pruned_runs(rows: Sequence[dict]) -> dict[tuple, set]:
+    """(seed, pretrain, method, k) -> the runs of that group stopped early by pruning."""
+    out: dict[tuple, set] = defaultdict(set)
+    for r in clean_rows(typed_rows(rows)):
+        if r.get("pruned") is not None:
+            out[group_key(r)].add(r.get("run") or run_key(r))
+    return dict(out)
+
+
 def cleaning_points(rows: Sequence[dict]) -> dict[tuple, list[Point]]:
     """(seed, pretrain, method, k) -> its cleaned checkpoints (epoch ≥ 1 with a finite acc1).
 
@@ -485,15 +496,17 @@ def select_per_seed(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS) 
     validation split; their acc1 / asr1 are the chosen checkpoint's *test* numbers (``val_acc1`` /
     ``val_asr1``: what it was chosen on).
 
-    status: ok | none (ASR measured, no point qualifies) | no-asr (no point has an ASR) |
-    no-points (no cleaned epoch evaluated yet) | no-baseline (the rule needs the poisoned model's
-    accuracy, which is missing) | no-validation (no point has validation numbers).
+    status: ok | none (ASR measured, no point qualifies) | not-explored (none among the points
+    trained, and some runs of the group were pruned before their last epoch) | no-asr (no point has
+    an ASR) | no-points (no cleaned epoch evaluated yet) | no-baseline (the rule needs the poisoned
+    model's accuracy, which is missing) | no-validation (no point has validation numbers).
     """
     rows = typed_rows(rows)
     poisoned = poisoned_models(rows)
     selections = SELECTIONS if has_validation(rows) else SELECTIONS[:1]
     out = []
     groups = cleaning_points(rows)
+    pruned = pruned_runs(rows)
     for key in sort_group_keys(groups):
         seed, pretrain, method, k = key
         points = groups[key]
@@ -504,6 +517,8 @@ def select_per_seed(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS) 
                     point, status = apply_rule(rule, points, base.get("acc1"))
                 else:
                     point, status = apply_rule_on_validation(rule, points, base.get("val_acc1"))
+                if status == "none" and pruned.get(key):  # cleaning.prune stopped some of its runs
+                    status = "not-explored"
                 out.append({
                     "seed": seed, "pretrain": pretrain, "method": method, "k": k, "rule": rule,
                     "selected_on": selected_on, "peeks_at_asr": rule_peeks_at_asr(rule), "status": status,
@@ -512,7 +527,7 @@ def select_per_seed(rows: Sequence[dict], taus: Sequence[float] = DEFAULT_TAUS) 
                     "val_asr1": point.val_asr1 if point else None,
                     "rel_change": relative_change(point.acc1 if point else None, base.get("acc1")),
                     "lr": point.lr if point else None, "epoch": point.epoch if point else None,
-                    "n_points": len(points),
+                    "n_points": len(points), "n_pruned": len(pruned.get(key, ())),
                     "poisoned_acc1": base.get("acc1"), "poisoned_asr1": base.get("asr1"),
                 })
     return out
@@ -561,11 +576,12 @@ def aggregate_per_seed(per_seed: Sequence[dict], confidence: float = DEFAULT_CON
         group.sort(key=lambda r: r["seed"])
         found = [r for r in group if r["status"] == "ok"]
         statuses = {r["status"] for r in group}
-        status = "ok" if found else next(s for s in ("none", "no-asr", "no-baseline", "no-validation",
-                                                     "no-points") if s in statuses)
+        status = "ok" if found else next(s for s in ("not-explored", "none", "no-asr", "no-baseline",
+                                                     "no-validation", "no-points") if s in statuses)
         row = {"pretrain": pretrain, "method": method, "k": k, "rule": rule, "selected_on": selected_on,
                "peeks_at_asr": rule_peeks_at_asr(rule), "status": status,
-               "n_seeds": len(group), "n_found": len(found)}
+               "n_seeds": len(group), "n_found": len(found),
+               "n_pruned": sum(r.get("n_pruned", 0) for r in group)}
         for metric in ("acc1", "asr1", "rel_change", "poisoned_acc1", "poisoned_asr1"):
             source = group if metric.startswith("poisoned") else found
             _summaries(row, metric, [r[metric] for r in source], confidence)
@@ -633,8 +649,8 @@ def format_points(mean: float | None, spread: float | None, digits: int = 1) -> 
     return f"{text} ± {spread * 100:.{digits}f}" if spread is not None else text
 
 
-_NO_POINT = {"none": "none", "no-asr": "no ASR", "no-points": "not yet", "no-baseline": "no baseline",
-             "no-validation": "no validation"}
+_NO_POINT = {"none": "none", "not-explored": "not explored", "no-asr": "no ASR", "no-points": "not yet",
+             "no-baseline": "no baseline", "no-validation": "no validation"}
 
 
 def selected_cell(row: dict, digits: int = 1) -> str:
@@ -790,6 +806,12 @@ def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU,
                  "on the validation split, reported on the disjoint test split; oracle's optimism: per "
                  "seed, oracle minus validation-selected, in percentage points (for ASR columns, "
                  "validation-selected minus oracle), mean ± interval over the seeds where both chose.")
+    runs = {r.get("run") for r in clean_rows(rows)}
+    n_pruned = len({r.get("run") for r in clean_rows(rows) if r.get("pruned") is not None})
+    if n_pruned:
+        note += (f" Pruned (cleaning.prune): {n_pruned} of {len(runs)} cleaning runs were stopped early by "
+                 f"successive halving; \"not explored\": no trained checkpoint reached ASR ≤ {pct} and "
+                 f"some runs of the group were stopped before their last epoch (they might have).")
     unlearned = unlearned_backdoors(rows, tau)
     if unlearned:
         plural = len(unlearned) > 1

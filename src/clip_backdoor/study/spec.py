@@ -107,6 +107,7 @@ class PretrainSpec:
     image_policy: str = "imagenet"
     eval_every: int = 1  # evaluate every N epochs (and the last)
     save_every: int = 0  # also keep checkpoints/epoch_N.pt every N epochs (latest.pt always)
+    save_every_steps: int = 0  # also write an exact mid-epoch latest.pt every N steps (0: epoch ends only)
     # Cleaning runs start from this pre-training epoch's checkpoint (None: the last epoch). The
     # pre-training then also saves and evaluates that epoch; its evaluation is the poisoned baseline.
     clean_from: int | None = None
@@ -123,7 +124,8 @@ class PretrainSpec:
     BOUNDS: ClassVar[dict[str, str]] = {
         **bounds_of(TrainConfig, epochs="epochs", lr="optim.lr", batch_size="batch_size",
                     warmup_steps="optim.warmup_steps", weight_decay="optim.weight_decay",
-                    grad_clip="optim.grad_clip", eval_every="eval.every", save_every="save_every"),
+                    grad_clip="optim.grad_clip", eval_every="eval.every", save_every="save_every",
+                    save_every_steps="save_every_steps"),
         "ssl_weight": "> 0", "clean_from": ">= 1"}
 
 
@@ -144,6 +146,8 @@ class CleaningSpec:
     k: list = field(default_factory=lambda: [0])  # poisons injected into the cleaning set
     optimizer_state: str = "fresh"  # fresh | inherit (reference compat)
     keep_checkpoints: bool = False  # a finished cleaning run keeps only its metrics (checkpoints are big)
+    # constrained successive halving over each group's lrs, e.g. {eta: 3, rungs: [1, 3]} (study/prune.py)
+    prune: dict | None = None
 
     BOUNDS: ClassVar[dict[str, str]] = {
         **bounds_of(TrainConfig, epochs="epochs", batch_size="batch_size", warmup_steps="optim.warmup_steps",
@@ -192,6 +196,10 @@ class RunSettings:
     threads: int | None = None  # torch threads per job; default max(1, cores // jobs)
     device: str = "cpu"  # cpu | auto | cuda | cuda:N
     devices: list = field(default_factory=list)  # one run per listed CUDA device, e.g. [cuda:0, cuda:1]
+    executor: str = "local"  # local | slurm | ray (study/executors.py)
+    slurm: dict = field(default_factory=dict)  # partition, time, gpus_per_node, ... (study/slurm.py)
+    ray: dict = field(default_factory=dict)  # address, num_gpus, num_cpus, ... (study/ray_tasks.py)
+    claim_stale_s: float = 600.0  # a run's claim without a heartbeat for this long is taken over
     report_to: str | None = None  # every run also reports to: tensorboard (<run dir>/tensorboard/)
     # latest.pt waits this long between rewrites (the last epoch's is always written): a short run
     # writes one resume checkpoint instead of one per epoch; an interrupted one replays the rest exactly
@@ -199,7 +207,7 @@ class RunSettings:
 
     BOUNDS: ClassVar[dict[str, str]] = {**bounds_of(TrainConfig, threads="threads",
                                                     checkpoint_interval_s="checkpoint_interval_s"),
-                                        "jobs": ">= 1"}
+                                        "jobs": ">= 1", "claim_stale_s": "> 0"}
 
 
 @dataclass
@@ -412,6 +420,26 @@ def _validate(spec: StudySpec) -> None:
     from clip_backdoor.train.scalars import check_report_to
 
     check_report_to(r.report_to, "run.report_to")
+    _validate_executor(r)
+    from clip_backdoor.study.prune import parse_prune
+
+    parse_prune(spec.cleaning.prune, spec.cleaning.epochs, spec.thresholds)
+
+
+def _validate_executor(r: RunSettings) -> None:
+    """The executor's settings are checked here, without importing its package (study list works
+    without it); a missing package is reported when the executor starts."""
+    from clip_backdoor.study.executors import EXECUTORS
+
+    _choice(r.executor, EXECUTORS, "run.executor")
+    if r.slurm or r.executor == "slurm":
+        from clip_backdoor.study.slurm import parse_slurm
+
+        parse_slurm(r.slurm)
+    if r.ray or r.executor == "ray":
+        from clip_backdoor.study.ray_tasks import parse_ray
+
+        parse_ray(r.ray)
 
 
 def _validate_data(d: DataSpec, e: EvalSpec) -> None:
@@ -868,7 +896,7 @@ def _pretrain_config(spec: StudySpec, root: Path, objective: str, seed: int,
     cfg = TrainConfig(
         run_dir=str(run_dir), model=p.model, epochs=p.epochs,
         batch_size=p.batch_size, precision=p.precision, device=spec.run.device, threads=spec.run.threads,
-        checkpoint_interval_s=spec.run.checkpoint_interval_s,
+        checkpoint_interval_s=spec.run.checkpoint_interval_s, save_every_steps=p.save_every_steps,
         seed=seed, save_every=p.save_every, save_epochs=list(also), report_to=spec.run.report_to,
         data=_data_config(spec, manifest if poisoned else None), eval=eval_cfg,
         objective=ObjectiveConfig(mmcl_weight=l1, ssl_weight=l2, eda=p.eda, image_policy=p.image_policy),

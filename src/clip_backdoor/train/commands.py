@@ -62,9 +62,23 @@ def _flags_to_overrides(args) -> list[str]:
     return out
 
 
+def _train_or_requeue(cfg: TrainConfig, recipe=None) -> int:
+    """Train; a preemption signal ends the command with the requeue exit code after its checkpoint."""
+    from clip_backdoor.train.loop import train
+    from clip_backdoor.train.preempt import REQUEUE_EXIT_CODE, Preempted, ignore_further_stops
+
+    try:
+        train(cfg, recipe)
+    except Preempted as e:
+        ignore_further_stops()
+        log.warning("%s; run the same command again to continue (exit code %d: requeue)", e,
+                    REQUEUE_EXIT_CODE)
+        return REQUEUE_EXIT_CODE
+    return 0
+
+
 def main_pretrain(argv: list[str]) -> int:
     from clip_backdoor import cleaning, defenses
-    from clip_backdoor.train.loop import train
 
     p = _common_parser("clip-backdoor pretrain", "Pre-train CLIP on a (poisoned) caption source, optionally "
                        "with a pre-training defence whose parameters follow it (e.g. --defense safeclip "
@@ -86,13 +100,11 @@ def main_pretrain(argv: list[str]) -> int:
     if name:
         recipe = defenses.build_defense(name, {**cfg.defense_params, **params})
         cfg = recipe.apply_to_config(cfg)
-    train(cfg, recipe)
-    return 0
+    return _train_or_requeue(cfg, recipe)
 
 
 def main_clean(argv: list[str]) -> int:
     from clip_backdoor import cleaning
-    from clip_backdoor.train.loop import train
 
     p = _common_parser("clip-backdoor clean", "Fine-tune a poisoned checkpoint with a cleaning method; "
                        "evaluates accuracy and ASR at epoch 0 and after every epoch. Method parameters "
@@ -122,8 +134,7 @@ def main_clean(argv: list[str]) -> int:
     recipe = cleaning.build_recipe(args.method or cfg.method or "cleanclip",
                                    {**cfg.method_params, **method_params})
     cfg = recipe.apply_to_config(cfg, explicit=set(_explicit_keys(overrides, args.config)))
-    train(cfg, recipe)
-    return 0
+    return _train_or_requeue(cfg, recipe)
 
 
 def _explicit_keys(overrides: list[str], config_path: str | None) -> list[str]:

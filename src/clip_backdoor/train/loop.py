@@ -6,7 +6,9 @@ Read it top to bottom: 1. processes and device  2. data  3. model  4. optimizer 
 
 Determinism: the data order depends on (seed, epoch), every augmentation on (seed, step) or
 (seed, row, epoch), never on global RNG state. So resuming from the end of epoch k replays
-epochs k+1.. exactly like an uninterrupted run (same thread count).
+epochs k+1.. exactly like an uninterrupted run (same thread count). A mid-epoch checkpoint
+(``save_every_steps``, or a preemption signal: ``train/preempt.py``) also holds the position within
+the epoch and the epoch's running loss sums, so the resumed epoch continues at the next batch.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps, write_jsonl
 from clip_backdoor.objectives import Objective
 from clip_backdoor.train import distributed as D
-from clip_backdoor.train import scalars
+from clip_backdoor.train import preempt, scalars
 from clip_backdoor.train.checkpoint import checkpoint_dir, latest_path, plain, save_checkpoint, unwrap
 from clip_backdoor.train.optim import build_optimizer, lr_at, schedule_warning, set_lr
 
@@ -127,6 +129,12 @@ class Recipe:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def resume_mid_epoch(self, state: dict, ctx: RunContext) -> None:
+        """Restore what ``state_dict()`` returned inside an epoch (a mid-epoch checkpoint), before the
+        optimizer's state is loaded; on_epoch_start is then not called again for that epoch. A recipe
+        that adds a param group to ``ctx.optimizer`` adds it back here."""
+        self.load_state_dict(state)
+
 
 def resolve_device(name: str, env: D.DistEnv) -> torch.device:
     if name == "auto":
@@ -155,7 +163,15 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
-    """Run (or resume, or report finished) one training run; returns the last metrics line."""
+    """Run (or resume, or report finished) one training run; returns the last metrics line.
+
+    Raises :class:`~clip_backdoor.train.preempt.Preempted` after SIGTERM/SIGUSR1/SIGUSR2, once the
+    current step is done and a resumable checkpoint is written."""
+    with preempt.Guard() as guard:
+        return _train(cfg, recipe, guard)
+
+
+def _train(cfg: TrainConfig, recipe: Recipe | None, guard: preempt.Guard) -> dict:
     recipe = recipe or Recipe()
     check_bounds(cfg)  # configs built in code (study, recipes, API users) pass the loader's checks too
     run_dir = Path(cfg.run_dir)
@@ -174,6 +190,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     if env.is_main:  # what a killed run of this directory left half-written (never a live writer's)
         remove_stale_temps(run_dir, checkpoint_dir(run_dir))
     scalars.check_report_to(cfg.report_to)
+    last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)  # the schedule is always `epochs` long
 
     # A finished run is reported, not retrained.
     latest = latest_path(run_dir)
@@ -183,9 +200,10 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
 
         resume_ckpt = load_checkpoint(latest)
         _check_epochs_unchanged(resume_ckpt, cfg, latest)
-        if resume_ckpt["epoch"] >= cfg.epochs:
+        if resume_ckpt["epoch"] >= last_epoch:
             lines = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-            log.info("%s is finished (epoch %d of %d); nothing to do", run_dir, resume_ckpt["epoch"],
+            state = "finished" if resume_ckpt["epoch"] >= cfg.epochs else f"paused (stop_epoch {last_epoch})"
+            log.info("%s is %s (epoch %d of %d); nothing to do", run_dir, state, resume_ckpt["epoch"],
                      cfg.epochs)
             return lines[-1] if lines else {"epoch": resume_ckpt["epoch"]}
 
@@ -229,18 +247,24 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
 
     # 5. Resume -----------------------------------------------------------------------------
     start_epoch, step = 0, 0
+    mid_epoch = None  # where a mid-epoch checkpoint stopped inside epoch start_epoch + 1
     metrics_path = run_dir / "metrics.jsonl"
     if resume_ckpt is not None:
         unwrap(model).load_state_dict(resume_ckpt["state_dict"])
+        mid_epoch = preempt_resume_point(resume_ckpt, steps_per_epoch, env)
+        if mid_epoch and mid_epoch["recipe_restored"]:  # --- preemption: before the optimizer's state,
+            recipe.resume_mid_epoch(resume_ckpt["recipe"], ctx)  # which may hold the recipe's group
+        else:
+            recipe.load_state_dict(resume_ckpt.get("recipe") or {})
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         if resume_ckpt.get("scaler"):
             scaler.load_state_dict(resume_ckpt["scaler"])
-        recipe.load_state_dict(resume_ckpt.get("recipe") or {})
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
         _warn_config_drift(resume_ckpt.get("config") or {}, to_dict(cfg))
         if env.is_main and metrics_path.exists():  # drop lines written after the checkpoint
             write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r["epoch"] <= start_epoch])
-        log.info("resuming %s from epoch %d (step %d)", run_dir, start_epoch, step)
+        where = f", batch {mid_epoch['batches']} of epoch {start_epoch + 1}" if mid_epoch else ""
+        log.info("resuming %s from epoch %d (step %d%s)", run_dir, start_epoch, step, where)
     elif env.is_main:
         if metrics_path.exists():
             metrics_path.unlink()  # a fresh start owns its metrics file
@@ -273,7 +297,7 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         writer.add_epoch(row)  # rank 0 alone writes (a null writer elsewhere)
 
     # Epoch 0: the starting point of a cleaning run, evaluated before any step.
-    if start_epoch == 0 and cfg.eval_at_start:
+    if start_epoch == 0 and cfg.eval_at_start and mid_epoch is None:  # (a mid-epoch-1 resume has it)
         row = {"epoch": 0, "step": 0, **_scale_fields(unwrap(model))}
         if recipe.transforms_weights:
             row["init"] = "transformed"
@@ -284,14 +308,48 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
     autocast_dtype = _AUTOCAST[cfg.precision]
     last_save = time.monotonic()
     row: dict = {}
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    def checkpoint(epoch: int, metrics: dict | None = None, mid: dict | None = None) -> dict:
+        """The checkpoint after ``epoch`` epochs (and ``mid``: the position inside the next one)."""
+        return {"epoch": epoch, "step": step, "model": model_meta,
+                "state_dict": plain(unwrap(model).state_dict()),
+                "optimizer": plain(optimizer.state_dict()),
+                "scheduler": {"kind": _schedule_kind(recipe), "base_lr": o.lr,
+                              "warmup_steps": o.warmup_steps, "total_steps": total_steps},
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
+                "config": to_dict(cfg), **record, "metrics": metrics, **({"mid_epoch": mid} if mid else {})}
+
+    def save_mid_epoch(epoch: int, stop: bool) -> None:
+        """latest.pt at this step inside ``epoch``; ``stop``: then raise Preempted."""
+        batches = step - (epoch - 1) * steps_per_epoch
+        if stop or batches < steps_per_epoch:  # (the epoch end saves anyway)
+            ranks = preempt.gather(  # each rank's running sums, for an exact epoch row
+                {"sums": dict(sums), "n_seen": n_seen, "n_skipped": n_skipped}, env)
+            if env.is_main:
+                save_checkpoint(latest, checkpoint(epoch - 1, mid={
+                    "epoch": epoch, "batches": batches, "steps_per_epoch": steps_per_epoch,
+                    "world_size": env.world_size, "seconds": time.perf_counter() - t0, "lr": lr,
+                    "ranks": ranks}))
+        D.barrier(env)
+        if stop:
+            raise preempt.Preempted(guard.signum, step, str(latest))
+
+    for epoch in range(start_epoch + 1, last_epoch + 1):
         ctx.epoch, ctx.step = epoch, step
+        mid, mid_epoch = mid_epoch, None  # preemption: only the first resumed epoch starts mid-way
         loader.set_epoch(epoch)
-        recipe.on_epoch_start(ctx)
+        if not (mid and mid["recipe_restored"]):  # a restored recipe already holds this epoch's state
+            recipe.on_epoch_start(ctx)
         model.train()
-        sums: dict[str, float] = {}
-        n_seen, n_skipped, t0 = 0, 0, time.perf_counter()
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+        mine = mid["ranks"][env.rank] if mid else {"sums": {}, "n_seen": 0, "n_skipped": 0}
+        sums: dict[str, float] = dict(mine["sums"])
+        n_seen, n_skipped = mine["n_seen"], mine["n_skipped"]
+        t0 = time.perf_counter() - (mid["seconds"] if mid else 0.0)
+        lr = mid["lr"] if mid else o.lr
+        if mid:
+            loader.set_epoch(epoch, start_batch=mid["batches"])
+        bar = tqdm(guard.batches(loader, env), total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                   leave=False, initial=mid["batches"] if mid else 0,
                    disable=not env.is_main or not sys.stderr.isatty(), mininterval=1.0)
         for batch in bar:
             ctx.step = step
@@ -331,6 +389,13 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
             n_skipped += int(batch.get("n_skipped", 0))
             if env.is_main and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            # --- preemption: a signal (or save_every_steps) writes an exact mid-epoch checkpoint
+            stop = guard.stop(env, device)
+            if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+                save_mid_epoch(epoch, stop)
+        if step < epoch * steps_per_epoch and guard.signum is not None:  # --- preemption: the signal also
+            # ended the loader's workers before the epoch's end
+            save_mid_epoch(epoch, True)
         seconds = time.perf_counter() - t0
         recipe.on_epoch_end(ctx)
 
@@ -350,25 +415,22 @@ def train(cfg: TrainConfig, recipe: Recipe | None = None) -> dict:
         emit(row)
 
         # latest.pt only resumes: between epochs it may wait checkpoint_interval_s (a resume from an
-        # older one replays the epochs after it exactly); the last epoch's is always written.
-        due = (epoch == cfg.epochs or not cfg.checkpoint_interval_s
+        # older one replays the epochs after it exactly); the last epoch's is always written, and so is
+        # a paused run's (stop_epoch) and a stopping one's (preemption).
+        stopping = epoch < last_epoch and guard.stop(env, device)
+        due = (epoch >= last_epoch or stopping or not cfg.checkpoint_interval_s
                or time.monotonic() - last_save >= cfg.checkpoint_interval_s)
         keep = (cfg.save_every and epoch % cfg.save_every == 0) or epoch in cfg.save_epochs
         if env.is_main and (due or keep):
-            ckpt = {"epoch": epoch, "step": step, "model": model_meta,
-                    "state_dict": plain(unwrap(model).state_dict()),
-                    "optimizer": plain(optimizer.state_dict()),
-                    "scheduler": {"kind": _schedule_kind(recipe), "base_lr": o.lr,
-                                  "warmup_steps": o.warmup_steps, "total_steps": total_steps},
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "rng": {"torch": torch.get_rng_state()}, "recipe": recipe.state_dict(),
-                    "config": to_dict(cfg), **record, "metrics": row}
+            ckpt = checkpoint(epoch, metrics=row)
             if keep:
                 save_checkpoint(checkpoint_dir(run_dir) / f"epoch_{epoch}.pt", ckpt)
             if due:
                 save_checkpoint(latest, ckpt)  # last, so latest.pt never points past a missing file
                 last_save = time.monotonic()
         D.barrier(env)
+        if stopping:  # preemption between epochs: this one is saved
+            raise preempt.Preempted(guard.signum, step, str(latest))
 
     writer.close()
     if env.is_main and (note := unlearned_line(to_dict(cfg), record, read_jsonl(metrics_path))):
@@ -597,6 +659,19 @@ def _inherit_optimizer(optimizer, ckpt: dict, requested_wd: float) -> None:
                     "is NOT applied (this is the reference code's behaviour)", inherited, requested_wd)
 
 
+def preempt_resume_point(ckpt: dict, steps_per_epoch: int, env: D.DistEnv) -> dict | None:
+    """The position a mid-epoch checkpoint holds, or None for an epoch-end one."""
+    mid = ckpt.get("mid_epoch")
+    if not mid:
+        return None
+    if (mid["steps_per_epoch"], mid["world_size"]) != (steps_per_epoch, env.world_size):
+        raise UserError(f"resume: the mid-epoch checkpoint (batch {mid['batches']} of "
+                        f"{mid['steps_per_epoch']} in epoch {mid['epoch']}, {mid['world_size']} rank(s)) "
+                        f"does not fit {steps_per_epoch} batches per epoch on {env.world_size} rank(s); the "
+                        "batch size, data or number of ranks changed since it was written")
+    return {**mid, "recipe_restored": bool(ckpt.get("recipe"))}
+
+
 def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
     """``epochs`` fixes the cosine schedule: resuming under another count would train the remaining
     steps on a schedule neither run had, so it takes an explicit ``allow_epochs_change=true``."""
@@ -613,7 +688,8 @@ def _check_epochs_unchanged(ckpt: dict, cfg: TrainConfig, path: Path) -> None:
 
 def _warn_config_drift(old: dict, new: dict, prefix: str = "") -> None:
     for key in sorted(set(old) | set(new)):
-        if key in ("resume", "epochs", "allow_epochs_change", "report_to", "checkpoint_interval_s"):
+        if key in ("resume", "epochs", "allow_epochs_change", "report_to", "checkpoint_interval_s",
+                   "stop_epoch"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
