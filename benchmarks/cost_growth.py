@@ -6,10 +6,10 @@ cleaning-set size (3 points each), so that a larger study can be budgeted from t
 
 Each point is one ``pretrain`` or ``clean`` command run in this process exactly as a study runs it
 (tiny model, the demo's lr, batch and warm-up, evaluation of accuracy and ASR after every epoch) and
-timed from its start to its end, so process start-up is excluded. Only the named size changes
-between the points of a row; the other two stay at the demo's values (5,000 pairs, 1,000 test images,
-400 cleaning pairs). The "per unit" column divides by the size, so a flat column means linear growth.
-Writes benchmarks/results/cost_growth.json.
+timed from its start to its end, so process start-up is excluded (a small run first takes the
+first-use costs). Only the named size changes between the points of a row; the other two stay at
+the demo's values (5,000 pairs, 1,000 test images, 400 cleaning pairs). The "per unit" column
+divides by the size, so a flat column means linear growth. Writes benchmarks/results/cost_growth.json.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def measure(epochs: int, cleaning_epochs: int, work: Path, scale: float = 1.0) -
     points = {k: tuple(round(v * scale) for v in vs) for k, vs in POINTS.items()}
     rows = []
     base = None
+    # first-use costs (imports, kernels' first calls) would otherwise land on the first point
+    _pretrain(work / "warm-up", max(256, points["pairs"][0] // 10), 100, 1)
     for pairs in points["pairs"]:
         seconds = _pretrain(work / f"pre-{pairs}", pairs, demo["eval_n"], epochs)
         rows.append({"grows": "pre-training pairs", "size": pairs, "seconds": seconds})
