@@ -16,7 +16,7 @@ from clip_backdoor.errors import UserError
 
 # name -> (module with main(argv), one-line help). Imported lazily so `--help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("clip_backdoor.data.world", "generate or materialise the synthetic caption world"),
+    "world": ("clip_backdoor.data.materialise", "generate or materialise the synthetic caption world"),
     "poison": ("clip_backdoor.attacks.poison", "poison a caption dataset; cleaning sets; previews"),
     "pretrain": ("clip_backdoor.train.commands", "pre-train CLIP (mmcl | mmcl+ssl | ssl); --defense"),
     "clean": ("clip_backdoor.train.commands", "fine-tune a checkpoint with a cleaning method"),
