@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
-from clip_backdoor.study import select
+from clip_backdoor.study import headline, select
 
 MIN_DOSES = 3  # fewer values of λ2 are not a dose-response
 
@@ -76,16 +76,16 @@ def dose_markdown(table: Sequence[dict]) -> str:
     tau = f"{table[0]['tau'] * 100:g}%" if table else "5%"
     records = [{
         "λ2": f"{r['ssl_weight']:g}", "objective": r["label"],
-        "poisoned acc": select.format_pct(r["poisoned_acc1_mean"], r["poisoned_acc1_std"]),
-        "poisoned ASR": select.format_pct(r["poisoned_asr1_mean"], r["poisoned_asr1_std"]),
-        f"best acc at ASR ≤ {tau}": select.format_pct(r["best_acc1_mean"], r["best_acc1_std"]),
-        "relative change": select.format_change(r["rel_change_mean"], r["rel_change_std"]),
+        "poisoned acc": headline.format_pct(r["poisoned_acc1_mean"], r["poisoned_acc1_std"]),
+        "poisoned ASR": headline.format_pct(r["poisoned_asr1_mean"], r["poisoned_asr1_std"]),
+        f"best acc at ASR ≤ {tau}": headline.format_pct(r["best_acc1_mean"], r["best_acc1_std"]),
+        "relative change": headline.format_change(r["rel_change_mean"], r["rel_change_std"]),
         f"seeds reaching ASR ≤ {tau}": f"{r['n_cleaned']}/{r['n_seeds']}",
-        "min ASR": select.format_pct(r["min_asr1_mean"], r["min_asr1_std"]),
+        "min ASR": headline.format_pct(r["min_asr1_mean"], r["min_asr1_std"]),
     } for r in table]
     method = select.method_label(table[0]["method"]) if table else "?"
     return (f"# Dose-response over the pre-training SSL weight λ2 ({method})\n\n"
-            + select.markdown_table(records) + "\nmean ± sample std over seeds; the best accuracy and its "
+            + headline.markdown_table(records) + "\nmean ± sample std over seeds; the best accuracy and its "
             "relative change are over the seeds that reached the ASR level.\n")
 
 

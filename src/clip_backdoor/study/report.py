@@ -36,14 +36,13 @@ from matplotlib.patches import Patch
 from clip_backdoor import environment
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_bytes, atomic_write_text, write_json
-from clip_backdoor.study import select
+from clip_backdoor.study import headline, select
+from clip_backdoor.study.headline import format_change, format_pct
 from clip_backdoor.study.select import (
     DEFAULT_CONFIDENCE,
     DEFAULT_TAUS,
     HEADLINE_TAU,
-    format_change,
     format_lr,
-    format_pct,
     is_defended,
     method_key,
     method_label,
@@ -472,12 +471,12 @@ def selection_display(table: Sequence[dict]) -> list[dict]:
             "pre-training": objective_label(r["pretrain"]),
             "cleaning": method_label(r["method"], r["k"]),
             "rule": rule_label(r["rule"]) + ("" if r["peeks_at_asr"] else " (realistic)"),
-            "selected on": select.SELECTION_LABELS[r["selected_on"]],
-            "acc1 (%)": select.selected_cell(r),
+            "selected on": headline.SELECTION_LABELS[r["selected_on"]],
+            "acc1 (%)": headline.selected_cell(r),
             "ASR (%)": format_pct(r["asr1_mean"], r["asr1_ci"]) if found else "",
-            "seeds": select.found_cell(r),
+            "seeds": headline.found_cell(r),
             "change vs poisoned": format_change(r["rel_change_mean"], r["rel_change_ci"]) if found else "",
-            "oracle's optimism (points)": select.format_points(r["optimism_mean"], r["optimism_ci"])
+            "oracle's optimism (points)": headline.format_points(r["optimism_mean"], r["optimism_ci"])
             if r.get("n_paired") else "",
             "lr per seed": r["lrs"].replace(";", ", "),
             "epoch per seed": r["epochs"].replace(";", ", "),
@@ -582,7 +581,8 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
     uneven = select.uneven_backdoors(data.rows)
     if uneven:
         notes.append(f"The poisoned models learned backdoors of unequal strength (ASR "
-                     f"{select.backdoor_listing(uneven)}): compare their cleaning results with that in mind.")
+                     f"{headline.backdoor_listing(uneven)}): compare their cleaning results with that in "
+                     "mind.")
     for objective in data.objectives:
         # a defended model is compared as pre-trained, not cleaned
         if not is_defended(objective) and not any(r["pretrain"] == objective for r in data.clean):
@@ -822,7 +822,7 @@ def headline_text(study_dir: str | Path, *, tau: float = HEADLINE_TAU, confidenc
     rows = select.read_results(study_dir / "results.csv") if rows is None else rows
     confidence = study_confidence(study_dir) if confidence is None else confidence
     summary = environment_summary(study_environments(study_dir, rows))
-    return select.headline_table(rows, tau, confidence=confidence) + "\n" + environment_text(summary) + "\n"
+    return headline.headline_table(rows, tau, confidence=confidence) + "\n" + environment_text(summary) + "\n"
 
 
 def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
@@ -856,9 +856,9 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
         (out / "clean_models.csv").unlink(missing_ok=True)
     write_csv(out / "runs.csv", runs)
     atomic_write_text(out / "selection.md",
-                      "# Selection rules\n\n" + select.markdown_table(selection_display(table)))
+                      "# Selection rules\n\n" + headline.markdown_table(selection_display(table)))
     atomic_write_text(out / "runs.md",
-                      "# Final metrics per run\n\n" + select.markdown_table(runs_display(runs)))
+                      "# Final metrics per run\n\n" + headline.markdown_table(runs_display(runs)))
     from clip_backdoor.study.dose import write_dose_response
 
     write_dose_response(study_dir, rows, out, tau=tau)  # only for a study over several SSL weights λ2
@@ -878,16 +878,16 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
     detection = detection_display(read_detection(study_dir / "detection.csv"))
     if detection[0] or detection[1]:
         atomic_write_text(out / "detection.md", "# Poisoned-sample detection\n\n"
-                          + select.markdown_table(detection[0])
-                          + ("\n" + select.markdown_table(detection[1]) if detection[1] else ""))
+                          + headline.markdown_table(detection[0])
+                          + ("\n" + headline.markdown_table(detection[1]) if detection[1] else ""))
     config_path = study_dir / "study.yaml"
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
     from clip_backdoor.study.finding import finding_text
 
     page = render_html(name=_study_name(study_dir, config_text), data=data,
                        notes=study_notes(data, config_path),
-                       headline=select.headline_rows(rows, tau, confidence=confidence),
-                       headline_note=select.headline_note(rows, tau, confidence), figures=skipped,
+                       headline=headline.headline_rows(rows, tau, confidence=confidence),
+                       headline_note=headline.headline_note(rows, tau, confidence), figures=skipped,
                        selection=selection_display(table),
                        poisoned=poisoned_display(poisoned) + poisoned_display(baselines, "clean, no poisons"),
                        runs=runs_display(runs), config_text=config_text,
