@@ -25,6 +25,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from clip_backdoor.study import headline, select
+from clip_backdoor.study.figures import STYLE, save_figure
+from clip_backdoor.study.tables import write_csv
 
 MIN_DOSES = 3  # fewer values of λ2 are not a dose-response
 
@@ -140,7 +142,6 @@ def write_dose_response(study_dir: str | Path, rows: Sequence[dict], out_dir: Pa
                         tau: float = select.HEADLINE_TAU, method: str = "cleanclip") -> list[Path]:
     """``dose_response.{md,csv,png,svg}`` in ``out_dir`` for a dose-response study; [] otherwise."""
     from clip_backdoor.fileio import atomic_write_text
-    from clip_backdoor.study.report import STYLE, save_figure, write_csv
 
     study_yaml = Path(study_dir) / "study.yaml"
     if not study_yaml.is_file():
