@@ -322,7 +322,7 @@ def run_study(spec: StudySpec, root: Path, *, only: str | None = None, dry_run: 
     """Everything ``study run`` does after parsing: returns the exit code (1 when a run failed, 75
     when a signal stopped the study: rerun it to go on). ``dry_run``: print what would be submitted,
     write nothing. ``prune=False`` (``--no-prune``): every cleaning run trains to the end."""
-    from clip_backdoor.study.executors import make_executor
+    from clip_backdoor.study.executor_factory import make_executor
     from clip_backdoor.study.prune import parse_prune
     from clip_backdoor.study.schedule import Outcome, Progress, Scheduler
 

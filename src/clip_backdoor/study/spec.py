@@ -429,16 +429,12 @@ def _validate(spec: StudySpec) -> None:
 def _validate_executor(r: RunSettings) -> None:
     """The executor's settings are checked here, without importing its package (study list works
     without it); a missing package is reported when the executor starts."""
-    from clip_backdoor.study.executors import EXECUTORS
+    from clip_backdoor.study.executor_settings import EXECUTORS, parse_ray, parse_slurm
 
     _choice(r.executor, EXECUTORS, "run.executor")
     if r.slurm or r.executor == "slurm":
-        from clip_backdoor.study.slurm import parse_slurm
-
         parse_slurm(r.slurm)
     if r.ray or r.executor == "ray":
-        from clip_backdoor.study.ray_tasks import parse_ray
-
         parse_ray(r.ray)
 
 
