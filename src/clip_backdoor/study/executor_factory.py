@@ -8,9 +8,10 @@ from __future__ import annotations
 from clip_backdoor.errors import UserError
 from clip_backdoor.study.executor_settings import EXECUTORS, parse_ray, parse_slurm
 from clip_backdoor.study.executors import Executor, InProcess, WorkerPool, local_executor
+from clip_backdoor.study.expand import StudyPlan
 from clip_backdoor.study.ray_tasks import RayExecutor
 from clip_backdoor.study.slurm import SlurmExecutor
-from clip_backdoor.study.spec import StudyPlan, StudySpec
+from clip_backdoor.study.spec import StudySpec
 
 
 def make_executor(spec: StudySpec, plan: StudyPlan, *, jobs: int, devices: list[str],

@@ -22,7 +22,7 @@ from typing import Any
 
 from clip_backdoor.errors import UserError
 from clip_backdoor.study.executor_settings import EXECUTORS as EXECUTORS  # still importable from here
-from clip_backdoor.study.spec import Run
+from clip_backdoor.study.expand import Run
 from clip_backdoor.study.worker import execute, init_worker, steps_of
 
 

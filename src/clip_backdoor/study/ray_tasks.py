@@ -36,7 +36,7 @@ from clip_backdoor.errors import UserError
 from clip_backdoor.study.executor_settings import RaySettings, TaskResources
 from clip_backdoor.study.executor_settings import parse_ray as parse_ray  # still importable from here
 from clip_backdoor.study.executors import Executor, Job, require
-from clip_backdoor.study.spec import Run, StudyPlan
+from clip_backdoor.study.expand import Run, StudyPlan
 from clip_backdoor.study.worker import steps_of
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from pathlib import Path
 from clip_backdoor.fileio import read_jsonl, write_json
 from clip_backdoor.study import claims
 from clip_backdoor.study.executors import Executor, Job
+from clip_backdoor.study.expand import Run, StudyPlan
 from clip_backdoor.study.prune import PRUNED, PruneSettings, group_states
-from clip_backdoor.study.spec import Run, StudyPlan
 from clip_backdoor.train import preempt
 
 log = logging.getLogger(__name__)

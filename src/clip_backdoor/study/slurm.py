@@ -45,7 +45,7 @@ from clip_backdoor.errors import UserError
 from clip_backdoor.study.executor_settings import Resources, SlurmSettings, time_minutes
 from clip_backdoor.study.executor_settings import parse_slurm as parse_slurm  # still importable from here
 from clip_backdoor.study.executors import Executor, Job, require
-from clip_backdoor.study.spec import Run, StudyPlan
+from clip_backdoor.study.expand import Run, StudyPlan
 from clip_backdoor.study.worker import steps_of
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import read_jsonl
-from clip_backdoor.study.spec import MANIFEST, Run, StudyPlan, expand, load_spec
+from clip_backdoor.study.expand import MANIFEST, Run, StudyPlan, expand
+from clip_backdoor.study.spec import load_spec
 
 FINISHED, ERROR_LOG, TRAIN_LOG, METRICS = "finished.json", "error.log", "train.log", "metrics.jsonl"
 STATES = ("finished", "running", "stopped", "failed", "pending")
