@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/cost_growth.py --epochs 2
 
 clean-venv:
 	rm -rf $(VENV)
