@@ -42,9 +42,9 @@ BUCKETS = {
     "checkpoint writes": [("checkpoint.py", "save_checkpoint")],
     "deep-clustering / recipe epoch hooks": [("cleaning.py", "on_epoch_start")],
     "metrics.jsonl writes": [("fileio.py", "write_jsonl")],
-    "data stages (poisons, cleaning sets)": [("runner.py", "make_poison"),
-                                             ("runner.py", "make_cleaning_set")],
-    "report and results.csv": [("runner.py", "report")],
+    "data stages (poisons, cleaning sets)": [("data_stages.py", "make_poison"),
+                                             ("data_stages.py", "make_cleaning_set")],
+    "report and results.csv": [("results.py", "report")],
     "model build / checkpoint load": [("loop.py", "_build_model")],
 }
 

@@ -15,8 +15,9 @@ from clip_backdoor.cli import main as cli
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import read_jsonl
 from clip_backdoor.study import claims, runner
+from clip_backdoor.study.expand import expand
 from clip_backdoor.study.slurm import SlurmExecutor, parse_slurm, time_minutes
-from clip_backdoor.study.spec import expand, parse_spec
+from clip_backdoor.study.spec import parse_spec
 from test_study import tiny, write_study
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,13 +10,13 @@ import pytest
 
 from clip_backdoor.errors import UserError
 from clip_backdoor.study import select
+from clip_backdoor.study.headline import headline_table
 from clip_backdoor.study.report import study_confidence, write_report
 from clip_backdoor.study.select import (
     COLUMNS,
     KEEP_RULE,
     Point,
     clean_baselines,
-    headline_table,
     interval_cells,
     min_asr_keeping,
     read_results,

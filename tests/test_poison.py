@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from clip_backdoor import cli
+from clip_backdoor.attacks import plan as PL
 from clip_backdoor.attacks import poison as P
 from clip_backdoor.attacks.manifest import PoisonedSource, read_manifest
 from clip_backdoor.attacks.triggers import apply_trigger_uint8, get_trigger, trigger_image
@@ -121,11 +122,11 @@ def naive_selection(keys: list[str], n: int, seed: int) -> set[str]:
 def test_selection_is_the_n_smallest_hashes_whatever_the_order():
     rows = [P.Row(str(i), f"caption {i}", False, i) for i in range(500)]
     attack = P.Attack(get_trigger("badnet"), "banana", poison_seed=9)
-    forward, _ = P._select_poisons(rows, 25, None, attack, 500, False, None)
-    backward, _ = P._select_poisons(reversed(rows), 25, None, attack, 500, False, None)
+    forward, _ = PL._select_poisons(rows, 25, None, attack, 500, False, None)
+    backward, _ = PL._select_poisons(reversed(rows), 25, None, attack, 500, False, None)
     expected = naive_selection([r.key for r in rows], 25, 9)
     assert {r.key for r in forward} == {r.key for r in backward} == expected
-    other, _ = P._select_poisons(rows, 25, None, P.Attack(get_trigger("badnet"), "banana", poison_seed=10),
+    other, _ = PL._select_poisons(rows, 25, None, P.Attack(get_trigger("badnet"), "banana", poison_seed=10),
                                  500, False, None)
     assert {r.key for r in other} != expected
 

@@ -198,7 +198,7 @@ def test_a_group_with_pruned_runs_is_not_explored_rather_than_none():
     assert pick["status"] == "none" and pick["n_pruned"] == 0
     pick = next(r for r in select_per_seed(results(True), (0.05,)) if r["rule"] == "asr<=5%")
     assert pick["status"] == "not-explored" and pick["n_pruned"] == 1
-    from clip_backdoor.study.select import headline_table
+    from clip_backdoor.study.headline import headline_table
 
     table = headline_table(results(True), 0.05)
     assert "| not explored |" in table and "Pruned (cleaning.prune): 1 of 2 cleaning runs" in table

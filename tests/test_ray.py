@@ -140,8 +140,9 @@ def test_a_several_gpu_task_runs_the_run_under_torchrun(tmp_path, monkeypatch):
     """What a Ray task with num_gpus > 1 does, here with 2 gloo processes on CPU and without Ray:
     torchrun runs the worker module in each rank; rank 0 writes the run; the outcome is read back."""
     from clip_backdoor.study import runner, worker
+    from clip_backdoor.study.expand import expand
     from clip_backdoor.study.ray_tasks import run_task
-    from clip_backdoor.study.spec import expand, parse_spec
+    from clip_backdoor.study.spec import parse_spec
 
     monkeypatch.setattr(worker, "init_worker", lambda: None)  # a Ray worker's set-up, not this process's
     plan = expand(parse_spec(tiny()), tmp_path / "s")

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from clip_backdoor.errors import UserError
-from clip_backdoor.study.report import FIGURE_NAMES, write_report
+from clip_backdoor.study.figures import FIGURE_NAMES
+from clip_backdoor.study.report import write_report
 from clip_backdoor.study.select import COLUMNS
 
 STUDY_YAML = "name: tiny-study\nseeds: [0, 1]\nclean:\n  methods: [cleanclip, mmcl]  # <b>escaped</b>\n"

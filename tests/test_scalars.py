@@ -127,7 +127,8 @@ def test_unknown_backend_and_missing_package_are_one_line(tmp_path, monkeypatch,
 
 
 def test_study_passes_report_to_to_every_run(tmp_path):
-    from clip_backdoor.study.spec import expand, parse_spec
+    from clip_backdoor.study.expand import expand
+    from clip_backdoor.study.spec import parse_spec
     from test_study import tiny
 
     plan = expand(parse_spec(tiny(run={"jobs": 1, "report_to": "tensorboard"})), tmp_path)

@@ -12,10 +12,10 @@ import random
 import pytest
 
 from clip_backdoor.errors import UserError
+from clip_backdoor.study.headline import headline_table
 from clip_backdoor.study.select import (
     COLUMNS,
     format_lr,
-    headline_table,
     poisoned_models,
     read_results,
     select_per_seed,

@@ -9,7 +9,8 @@ import yaml
 
 from clip_backdoor.cli import main as cli
 from clip_backdoor.study import runner
-from clip_backdoor.study.spec import expand, parse_spec, resolved_yaml
+from clip_backdoor.study.expand import expand
+from clip_backdoor.study.spec import parse_spec, resolved_yaml
 from clip_backdoor.study.status import format_status, study_status
 from test_study import tiny
 

@@ -13,7 +13,8 @@ from clip_backdoor.cli import main as cli
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import read_jsonl
 from clip_backdoor.study import runner
-from clip_backdoor.study.spec import expand, format_lr, load_spec, parse_spec
+from clip_backdoor.study.expand import expand, format_lr
+from clip_backdoor.study.spec import load_spec, parse_spec
 
 COLUMNS = ["seed", "stage", "pretrain", "method", "lr", "k", "start_epoch", "epoch", "step", "init", "acc1",
            "acc5", "asr1", "asr5", "ra1", "n", "n_asr", "val_acc1", "val_acc5", "val_asr1", "val_asr5",

@@ -9,7 +9,8 @@ import yaml
 
 from clip_backdoor.errors import UserError
 from clip_backdoor.study import dose, select
-from clip_backdoor.study.spec import expand, load_spec, objective_names, parse_spec
+from clip_backdoor.study.expand import expand
+from clip_backdoor.study.spec import load_spec, objective_names, parse_spec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

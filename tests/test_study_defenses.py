@@ -10,8 +10,9 @@ import yaml
 from clip_backdoor.cli import main as cli
 from clip_backdoor.errors import UserError
 from clip_backdoor.study import select
+from clip_backdoor.study.expand import expand
 from clip_backdoor.study.report import detection_display, read_detection
-from clip_backdoor.study.spec import expand, load_spec, parse_spec
+from clip_backdoor.study.spec import load_spec, parse_spec
 
 SAFE = {"name": "safeclip", "params": {"inmodal_warmup": 1, "multimodal_warmup": 1, "bank_size": 32}}
 ROCLIP = {"name": "roclip", "params": {"period": 2, "pool_size": 32}}

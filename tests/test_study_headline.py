@@ -13,7 +13,8 @@ from clip_backdoor.cli import main as cli
 from clip_backdoor.environment import read_environment
 from clip_backdoor.errors import UserError
 from clip_backdoor.study import runner, select
-from clip_backdoor.study.spec import expand, load_spec, parse_spec
+from clip_backdoor.study.expand import expand
+from clip_backdoor.study.spec import load_spec, parse_spec
 from clip_backdoor.study.stats import wilson
 from test_study import tiny
 

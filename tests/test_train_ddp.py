@@ -105,7 +105,7 @@ def _worker(rank, ports, tmp):
     os.environ["MASTER_PORT"] = str(ports[1])  # a fresh process group for the second training
     reads, named = Counter(), _Named()
     CsvSource.load = counting_load(reads)
-    logging.getLogger("clip_backdoor.data.captions").addHandler(named)
+    logging.getLogger("clip_backdoor.data").addHandler(named)  # the sources log their skips
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:  # tiny is a ResNet: 1x1 convolutions

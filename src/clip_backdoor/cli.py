@@ -16,10 +16,10 @@ from clip_backdoor.errors import UserError
 
 # name -> (module with main(argv), one-line help). Imported lazily so `--help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("clip_backdoor.data.world", "generate or materialise the synthetic caption world"),
+    "world": ("clip_backdoor.data.materialise", "generate or materialise the synthetic caption world"),
     "poison": ("clip_backdoor.attacks.poison", "poison a caption dataset; cleaning sets; previews"),
-    "pretrain": ("clip_backdoor.train.commands", "pre-train CLIP (mmcl | mmcl+ssl | ssl); --defense"),
-    "clean": ("clip_backdoor.train.commands", "fine-tune a checkpoint with a cleaning method"),
+    "pretrain": ("clip_backdoor.train_commands", "pre-train CLIP (mmcl | mmcl+ssl | ssl); --defense"),
+    "clean": ("clip_backdoor.train_commands", "fine-tune a checkpoint with a cleaning method"),
     "evaluate": ("clip_backdoor.evaluate", "zero-shot accuracy and attack success rate"),
     "detect": ("clip_backdoor.detection", "score training pairs as poisoned (k-dist, LID, DAO), AUROC"),
     "inspect": ("clip_backdoor.card", "say what a checkpoint is: model, stage, data, poisoning, metrics"),

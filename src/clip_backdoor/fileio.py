@@ -74,7 +74,8 @@ def temp_dir_sibling(path: str | os.PathLike, kind: str = "partial") -> Path:
     return tmp
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (ours always does)."""
     if pid == os.getpid():
         return True
     try:
@@ -108,7 +109,7 @@ def remove_stale_temps(*directories: str | os.PathLike) -> list[Path]:
             if match["host"] != host_id():
                 kept.append(entry)
                 continue
-            if _pid_running(int(match["pid"])):
+            if pid_running(int(match["pid"])):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)

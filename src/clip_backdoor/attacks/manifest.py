@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from clip_backdoor.attacks.triggers import Trigger, get_trigger, trigger_image
-from clip_backdoor.data.captions import MappedSource, Sample, seeded_rng
+from clip_backdoor.data.samples import MappedSource, Sample, current_part, seeded_rng
 from clip_backdoor.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -256,8 +256,6 @@ class PoisonedSource(MappedSource):
         return self._iter_subset()
 
     def _iter_subset(self) -> Iterator[Sample]:
-        from clip_backdoor.data.captions import current_part
-
         part, num_parts = current_part(self.inner.rank, self.inner.world_size)
         for index in self.order((self.inner.seed, self.inner.epoch))[part::num_parts]:
             sample = self.load(int(index))

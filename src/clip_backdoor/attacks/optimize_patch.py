@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from clip_backdoor.attacks.source_args import add_source_arguments, open_source, source_spec
+from clip_backdoor.attacks.targets import mention_pattern
 from clip_backdoor.attacks.triggers import auto_patch_size, save_patch
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_path, atomic_write_text
@@ -105,7 +107,6 @@ class PatchData:
 
 def collect(source, image_size: int, settings: PatchSettings) -> PatchData:
     """One pass over ``source`` (file order): up to ``n_images`` non-target images and every target row."""
-    from clip_backdoor.attacks.poison import mention_pattern
     from clip_backdoor.data.transforms import squash
 
     names = mention_pattern([settings.target, *settings.synonyms])
@@ -292,8 +293,6 @@ def file_sha256(path: Path) -> str:
 # Command line
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from clip_backdoor.attacks.poison import add_source_arguments
-
     d = PatchSettings()
     p = argparse.ArgumentParser(prog="clip-backdoor poison optimize-patch",
                                 description="Learn BadCLIP's optimised patch against a surrogate "
@@ -327,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from clip_backdoor.attacks.poison import open_source, source_spec
     from clip_backdoor.weights import model_from_checkpoint
 
     args = build_parser().parse_args(argv)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clip_backdoor.data.captions import CaptionSource, Sample, seeded_rng
+from clip_backdoor.data.samples import CaptionSource, Sample, seeded_rng
 from clip_backdoor.data.transforms import preprocess
 from clip_backdoor.errors import UserError
 from clip_backdoor.tokenizer import tokenize

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from clip_backdoor.data.captions import Sample
+from clip_backdoor.data.samples import Sample
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_dir, temp_dir_sibling, write_json
 

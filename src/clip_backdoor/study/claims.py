@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from clip_backdoor.fileio import atomic_write_text
+from clip_backdoor.fileio import atomic_write_text, pid_running
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,6 @@ def read(run_dir: str | Path) -> dict | None:
     return {**claim, "age": max(0.0, age)} if isinstance(claim, dict) else None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def is_live(claim: dict, stale_after: float = STALE_AFTER_S,
             job_alive: Callable[[dict], bool | None] | None = None) -> bool:
     """Live: its process exists (this host), or its executor says the job exists, or the heartbeat
@@ -66,7 +56,7 @@ def is_live(claim: dict, stale_after: float = STALE_AFTER_S,
         if claim["pid"] == os.getpid():
             return False  # this process's own leftover: it is not running that run now
         if claim.get("executor") == "local":
-            return _pid_alive(claim["pid"])
+            return pid_running(claim["pid"])
     if job_alive is not None:
         known = job_alive(claim)
         if known is not None:

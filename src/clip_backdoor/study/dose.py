@@ -24,7 +24,9 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
-from clip_backdoor.study import select
+from clip_backdoor.study import headline, select
+from clip_backdoor.study.figures import STYLE, save_figure
+from clip_backdoor.study.tables import write_csv
 
 MIN_DOSES = 3  # fewer values of λ2 are not a dose-response
 
@@ -76,16 +78,16 @@ def dose_markdown(table: Sequence[dict]) -> str:
     tau = f"{table[0]['tau'] * 100:g}%" if table else "5%"
     records = [{
         "λ2": f"{r['ssl_weight']:g}", "objective": r["label"],
-        "poisoned acc": select.format_pct(r["poisoned_acc1_mean"], r["poisoned_acc1_std"]),
-        "poisoned ASR": select.format_pct(r["poisoned_asr1_mean"], r["poisoned_asr1_std"]),
-        f"best acc at ASR ≤ {tau}": select.format_pct(r["best_acc1_mean"], r["best_acc1_std"]),
-        "relative change": select.format_change(r["rel_change_mean"], r["rel_change_std"]),
+        "poisoned acc": headline.format_pct(r["poisoned_acc1_mean"], r["poisoned_acc1_std"]),
+        "poisoned ASR": headline.format_pct(r["poisoned_asr1_mean"], r["poisoned_asr1_std"]),
+        f"best acc at ASR ≤ {tau}": headline.format_pct(r["best_acc1_mean"], r["best_acc1_std"]),
+        "relative change": headline.format_change(r["rel_change_mean"], r["rel_change_std"]),
         f"seeds reaching ASR ≤ {tau}": f"{r['n_cleaned']}/{r['n_seeds']}",
-        "min ASR": select.format_pct(r["min_asr1_mean"], r["min_asr1_std"]),
+        "min ASR": headline.format_pct(r["min_asr1_mean"], r["min_asr1_std"]),
     } for r in table]
     method = select.method_label(table[0]["method"]) if table else "?"
     return (f"# Dose-response over the pre-training SSL weight λ2 ({method})\n\n"
-            + select.markdown_table(records) + "\nmean ± sample std over seeds; the best accuracy and its "
+            + headline.markdown_table(records) + "\nmean ± sample std over seeds; the best accuracy and its "
             "relative change are over the seeds that reached the ASR level.\n")
 
 
@@ -140,7 +142,6 @@ def write_dose_response(study_dir: str | Path, rows: Sequence[dict], out_dir: Pa
                         tau: float = select.HEADLINE_TAU, method: str = "cleanclip") -> list[Path]:
     """``dose_response.{md,csv,png,svg}`` in ``out_dir`` for a dose-response study; [] otherwise."""
     from clip_backdoor.fileio import atomic_write_text
-    from clip_backdoor.study.report import STYLE, save_figure, write_csv
 
     study_yaml = Path(study_dir) / "study.yaml"
     if not study_yaml.is_file():

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clip_backdoor.errors import UserError
-from clip_backdoor.study.spec import Run, StudyPlan, StudySpec
+from clip_backdoor.study.executor_settings import EXECUTORS as EXECUTORS  # still importable from here
+from clip_backdoor.study.expand import Run
 from clip_backdoor.study.worker import execute, init_worker, steps_of
-
-EXECUTORS = ("local", "slurm", "ray")
 
 
 @dataclass(eq=False)
@@ -156,28 +155,3 @@ def require(module: str, extra: str, key: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{key}: needs the {module} package; install clip-backdoor[{extra}]") from None
-
-
-def make_executor(spec: StudySpec, plan: StudyPlan, *, jobs: int, devices: list[str],
-                  dry_run: bool = False) -> Executor:
-    """The executor ``run.executor`` names, checked against the study directory it must share."""
-    name = spec.run.executor
-    if name == "local":
-        if dry_run:  # describes, starts no process
-            pool = InProcess() if jobs <= 1 and not devices else _DescribedPool(jobs, devices)
-            return pool
-        return local_executor(jobs, devices)
-    if name == "slurm":
-        from clip_backdoor.study.slurm import SlurmExecutor, parse_slurm
-
-        return SlurmExecutor(parse_slurm(spec.run.slurm), plan, dry_run=dry_run)
-    if name == "ray":
-        from clip_backdoor.study.ray_tasks import RayExecutor, parse_ray
-
-        return RayExecutor(parse_ray(spec.run.ray), plan, dry_run=dry_run)
-    raise UserError(f"run.executor: {name!r} is not one of {', '.join(EXECUTORS)}")
-
-
-class _DescribedPool(WorkerPool):
-    def __init__(self, jobs: int, devices: list[str]):  # no processes: --dry-run only describes
-        self.capacity, self.devices = jobs, devices

@@ -28,79 +28,18 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clip_backdoor.config import TrainConfig, dump_yaml
 from clip_backdoor.errors import UserError
+from clip_backdoor.study.executor_settings import RaySettings, TaskResources
+from clip_backdoor.study.executor_settings import parse_ray as parse_ray  # still importable from here
 from clip_backdoor.study.executors import Executor, Job, require
-from clip_backdoor.study.spec import Run, StudyPlan
+from clip_backdoor.study.expand import Run, StudyPlan
 from clip_backdoor.study.worker import steps_of
 
 log = logging.getLogger(__name__)
-
-STAGE_KEYS = ("num_cpus", "num_gpus")
-
-
-@dataclass
-class TaskResources:
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-
-@dataclass
-class RaySettings:
-    address: str | None = None
-    max_retries: int = 3
-    connect_timeout_s: float = 10.0
-    local_cpus: int | None = None  # a Ray started here: its CPUs (default: all of this machine's)
-    local_gpus: int | None = None
-    object_store_mb: int | None = None
-    pretrain: TaskResources = field(default_factory=TaskResources)
-    clean: TaskResources = field(default_factory=TaskResources)
-
-
-def parse_ray(data: dict, where: str = "run.ray") -> RaySettings:
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {data!r}")
-    top = ("address", "max_retries", "connect_timeout_s", "local_cpus", "local_gpus", "object_store_mb")
-    valid = {*top, *STAGE_KEYS, "pretrain", "clean"}
-    for key in data:
-        if key not in valid:
-            raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(sorted(valid))})")
-    shared = {k: data[k] for k in STAGE_KEYS if k in data}
-    stages = {}
-    for stage in ("pretrain", "clean"):
-        own = data.get(stage) or {}
-        if not isinstance(own, dict):
-            raise UserError(f"{where}.{stage}: expected a mapping, got {own!r}")
-        merged = {**shared, **own}
-        for key, value in merged.items():
-            at = f"{where}.{stage}.{key}" if key in own else f"{where}.{key}"
-            if key not in STAGE_KEYS:
-                raise UserError(f"{at}: unknown key (valid: {', '.join(STAGE_KEYS)})")
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise UserError(f"{at}: {value!r} must be a number >= 0")
-        stages[stage] = TaskResources(**{k: float(v) for k, v in merged.items()})
-        gpus = stages[stage].num_gpus
-        if gpus > 1 and not gpus.is_integer():
-            raise UserError(f"{where}.{stage}.num_gpus: {gpus:g} GPUs: more than one must be a whole number "
-                            "(one torchrun process per GPU)")
-    if stages["clean"].num_gpus > 1:
-        raise UserError(f"{where}.clean.num_gpus: a cleaning run is one process (at most 1 GPU)")
-    settings = RaySettings(**{k: data[k] for k in top if k in data}, **stages)
-    if settings.address is not None and (not isinstance(settings.address, str) or not settings.address):
-        raise UserError(f"{where}.address: expected host:port, ray://host:port or auto, "
-                        f"got {settings.address!r}")
-    for key, minimum in (("max_retries", 0), ("local_cpus", 1), ("local_gpus", 0), ("object_store_mb", 80)):
-        value = getattr(settings, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            raise UserError(f"{where}.{key}: {value!r} is not an integer >= {minimum}")
-    if isinstance(settings.connect_timeout_s, bool) or not settings.connect_timeout_s > 0:
-        raise UserError(f"{where}.connect_timeout_s: {settings.connect_timeout_s!r} must be > 0")
-    return settings
-
 
 def check_reachable(address: str, timeout: float) -> None:
     """A short TCP probe, so an unreachable cluster is one line, not minutes of retries."""

@@ -1,8 +1,7 @@
 """``clip-backdoor study run|report|list``: execute a study, resumably, and collect its results.
 
-1. **Data**: the poisoning manifest (``data/poisoned``), then the cleaning sets (``data/clean,k=<k>``),
-   both manifests over the pre-training source (WebDataset cleaning sets are written as shards).
-   An existing one is reused after checking it was made with the same settings.
+1. **Data** (``study/data_stages.py``): the poisoning manifest (``data/poisoned``), then the cleaning
+   sets (``data/clean,k=<k>``).
 2. **Runs**: pre-training runs, then the cleaning runs that start from them. A run whose directory
    holds ``finished.json`` for at least its number of epochs is skipped; an interrupted one resumes
    from its ``latest.pt`` (the training loop does that). Where runs execute is the executor's
@@ -11,173 +10,40 @@
    device. When runs start, claims and pruning are the scheduler's (``study/schedule.py``). A failed
    run is reported in one line (traceback in its ``error.log``) and the rest go on; the exit code
    says whether any failed.
-3. **Results**: every ``metrics.jsonl`` is flattened into ``results.csv`` (columns below), then the
-   report (tables, figures, ``index.html``) is written and the headline table printed.
+3. **Results** (``study/results.py``): every ``metrics.jsonl`` is flattened into ``results.csv``, then
+   the report (tables, figures, ``index.html``) is written and the headline table printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import logging
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from clip_backdoor.config import to_dict
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps
+from clip_backdoor.study.data_stages import check_inputs, make_cleaning_set, make_poison
+from clip_backdoor.study.expand import MANIFEST, Run, StudyPlan, expand
 from clip_backdoor.study.prune import PRUNED
-from clip_backdoor.study.select import COLUMNS, interval_cells
-from clip_backdoor.study.spec import (
-    MANIFEST,
-    DataStage,
-    Run,
-    StudyPlan,
-    StudySpec,
-    expand,
-    load_spec,
-    model_image_size,
-    resolved_yaml,
-)
+from clip_backdoor.study.results import report
+from clip_backdoor.study.spec import StudySpec, load_spec, resolved_yaml
 from clip_backdoor.study.worker import FINISHED
 from clip_backdoor.train.preempt import REQUEUE_EXIT_CODE, ignore_further_stops
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = COLUMNS  # one schema, defined beside the code that reads it
-METRIC_COLUMNS = RESULT_COLUMNS[RESULT_COLUMNS.index("epoch"):RESULT_COLUMNS.index("run")]
 # Settings that change how fast a run goes, not what it computes; a finished run ignores them.
 VOLATILE_KEYS = ("threads", "device", "resume", "allow_epochs_change", "data.workers", "eval.workers",
                  "eval.batch_size", "report_to", "checkpoint_interval_s", "save_every_steps", "stop_epoch")
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Data: the poisoning manifest and the cleaning sets
-# --------------------------------------------------------------------------------------------
-def base_source_spec(plan: StudyPlan) -> dict:
-    """The pre-training source exactly as the training loop builds it, read in file order."""
-    from clip_backdoor.train.loop import _source_spec
-
-    first = next(r for r in plan.runs if r.stage == "pretrain")
-    spec = _source_spec(first.cfg, model_image_size(plan.spec.pretrain.model))
-    spec.pop("seed", None)  # a training seed only shuffles; the poisons must not depend on it
-    spec.pop("cache", None)  # how the loader keeps pixels, not which pixels
-    return spec
-
-
-def _attack(spec: StudySpec):
-    from clip_backdoor.attacks.poison import Attack
-    from clip_backdoor.attacks.triggers import get_trigger
-
-    a = spec.attack
-    trigger = get_trigger(a.trigger, **a.trigger_params)
-    return Attack(trigger, a.target, a.mode, a.poison_seed, tuple(a.synonyms))
-
-
-def _reuse(out: Path, expected: dict, what: str) -> bool:
-    """True when ``out`` already holds this dataset; an incompatible one is an error, not a silent reuse."""
-    from clip_backdoor.attacks.manifest import read_info
-
-    if not out.exists():
-        return False
-    if not (out / MANIFEST).is_file():
-        raise UserError(f"{out}: exists but holds no {MANIFEST} (an interrupted {what}?); "
-                        "delete it and rerun")
-    recorded = json.loads(json.dumps(read_info(out / MANIFEST)))
-    for key, value in json.loads(json.dumps(expected)).items():
-        if recorded.get(key) != value:
-            raise UserError(f"{out} was made with {key}={recorded.get(key)!r}, the study now asks for "
-                            f"{value!r}; delete it (and the runs that used it) or use another --out")
-    log.info("%s: reusing (%s poisons in %s rows)", out.name, recorded.get("n_poison"),
-             recorded.get("n_rows"))
-    return True
-
-
-def make_poison(plan: StudyPlan) -> None:
-    """``data/poisoned``: which rows are poisoned, triggered on the fly by every pre-training run."""
-    from clip_backdoor.attacks.poison import RowSpool, open_source, plan_poisons, write_plan
-    from clip_backdoor.data.captions import CsvSource
-
-    spec, out = plan.spec, plan.root / plan.poison.name
-    attack, source_spec = _attack(spec), base_source_spec(plan)
-    info = {"kind": "poison", "base_source": source_spec, **attack.describe()}
-    expected = dict(info)
-    if spec.attack.n is not None:
-        expected["n_poison"] = spec.attack.n
-    if _reuse(out, expected, "poisoning"):
-        return
-    started = time.perf_counter()
-    source = open_source(source_spec)
-    spool_rows = not isinstance(source, CsvSource)  # keep the scan, so the source is read only once
-    with RowSpool() if spool_rows else _nothing() as spool:
-        chosen = plan_poisons(source, attack, n=spec.attack.n, fraction=spec.attack.fraction,
-                              on_row=spool.append if spool else None)
-        summary = write_plan(source, chosen, out, fmt="manifest",
-                             image_size=model_image_size(spec.pretrain.model), info=info,
-                             rows=spool.replay() if spool else None)
-    log.info("data/poisoned: %d poisons among %d rows (%s -> %r) in %.0fs", summary["n_poison"],
-             summary["n_rows"], attack.trigger.name, attack.target, time.perf_counter() - started)
-
-
-def make_cleaning_set(plan: StudyPlan, stage: DataStage) -> None:
-    """``data/clean,k=<k>``: ``cleaning.size`` rows outside the poisons, then k of them poisoned."""
-    from clip_backdoor.attacks.poison import excluded_keys, open_source, plan_cleaning_set, write_plan
-
-    spec, out, k = plan.spec, plan.root / stage.name, stage.k
-    c, attack, source_spec = spec.cleaning, _attack(spec), base_source_spec(plan)
-    info = {"kind": "cleaning_set", "base_source": source_spec, "size": c.size, "pick": c.pick, "k": k,
-            "cleaning_seed": c.seed, **(attack.describe() if k else {})}
-    if _reuse(out, info, "cleaning set"):
-        return
-    started = time.perf_counter()
-    manifest = plan.root / plan.poison.name / MANIFEST
-    exclude = excluded_keys(manifest)
-    source = open_source(source_spec)
-    chosen = plan_cleaning_set(source, c.size, pick=c.pick, exclude=exclude, seed=c.seed,
-                               attack=attack if k else None, k=k)
-    info.update(exclude_manifest=str(manifest), n_excluded=len(exclude))
-    summary = write_plan(source, chosen, out, fmt="wds" if spec.data.kind == "wds" else "manifest",
-                         image_size=model_image_size(spec.pretrain.model), info=info)
-    log.info("%s: %d rows, %d poisons injected, in %.0fs", stage.name, summary["n_rows"], summary["n_poison"],
-             time.perf_counter() - started)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-
-def check_inputs(spec: StudySpec) -> None:
-    """Every input path exists; a missing one says which stage needs it."""
-    d, e = spec.data, spec.eval
-    if d.kind == "csv" and not Path(d.path).is_file():
-        raise UserError(f"data.path {d.path}: file not found (the poison stage, the cleaning sets and every "
-                        "pre-training run read it)")
-    if d.kind == "wds":
-        from clip_backdoor.data.captions import expand_shards
-
-        try:
-            expand_shards(d.path)
-        except UserError as err:
-            raise UserError(f"data.path: {err} (the poison stage, the cleaning sets and every pre-training "
-                            "run read it)") from None
-    if e.kind == "imagefolder" and not Path(e.path).is_dir():
-        raise UserError(f"eval.path {e.path}: folder not found (every run's evaluation reads it)")
-    if e.kind == "labels_csv" and not Path(e.path).is_file():
-        raise UserError(f"eval.path {e.path}: file not found (every run's evaluation reads it)")
-
-
-# --------------------------------------------------------------------------------------------
-# 2. Runs: where they execute is an executor's business (study/executors.py)
+# Runs: where they execute is an executor's business (study/executors.py)
 # --------------------------------------------------------------------------------------------
 def cpu_cores() -> int:
     try:
@@ -241,80 +107,6 @@ def _warn_if_changed(run: Run, marker: dict, root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Results
-# --------------------------------------------------------------------------------------------
-def _cell(value: Any) -> str:
-    if value is None or isinstance(value, bool):
-        return "" if value is None else str(int(value))
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    return str(value)
-
-
-def results_rows(plan: StudyPlan) -> list[dict[str, str]]:
-    """Every (run, epoch) point of the study, as results.csv holds it (strings; empty = absent)."""
-    rows = []
-    for run in plan.runs:
-        path = Path(run.cfg.run_dir) / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        pruned = Path(run.cfg.run_dir) / PRUNED
-        pruned_at = _cell(json.loads(pruned.read_text(encoding="utf-8")).get("epoch")) if pruned.is_file() \
-            else ""
-        for metrics in read_jsonl(path):
-            row = {"seed": str(run.seed), "stage": run.stage, "pretrain": run.pretrain,
-                   "method": run.method or "", "lr": _cell(run.lr), "k": _cell(run.k),
-                   "start_epoch": _cell(run.start_epoch)}
-            row.update({key: _cell(metrics.get(key)) for key in METRIC_COLUMNS})
-            row.update({key: _cell(v) for key, v in interval_cells(metrics, plan.spec.confidence).items()})
-            row["run"] = run.name
-            row["pruned"] = pruned_at
-            rows.append(row)
-    return rows
-
-
-def write_results(plan: StudyPlan) -> tuple[Path, list[dict[str, str]]]:
-    rows = results_rows(plan)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    path = plan.root / "results.csv"
-    atomic_write_text(path, buffer.getvalue())
-    _write_detection(plan)
-    return path, rows
-
-
-def _write_detection(plan: StudyPlan) -> None:
-    """``detection.csv`` (only in a study with detection or filter-then-retrain runs)."""
-    from clip_backdoor.study.steps import DETECTION_COLUMNS, detection_rows
-
-    path = plan.root / "detection.csv"
-    if not any(r.after or r.before for r in plan.runs):
-        path.unlink(missing_ok=True)
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=DETECTION_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: _cell(v) for k, v in row.items()} for row in detection_rows(plan.runs))
-    atomic_write_text(path, buffer.getvalue())
-
-
-def report(plan: StudyPlan) -> Path:
-    """results.csv, then the report; prints the headline table. Returns the report's index.html."""
-    from clip_backdoor.study.report import headline_text, write_report
-
-    path, rows = write_results(plan)
-    log.info("%s: %d rows from %d runs", path, len(rows), len({r["run"] for r in rows}))
-    if not rows:
-        log.warning("no finished epochs yet: nothing to report")
-        return path
-    index = write_report(plan.root, taus=tuple(plan.spec.thresholds), confidence=plan.spec.confidence)
-    print(headline_text(plan.root, confidence=plan.spec.confidence))
-    return index
-
-
-# --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
 def run_study(spec: StudySpec, root: Path, *, only: str | None = None, dry_run: bool = False,
@@ -322,7 +114,7 @@ def run_study(spec: StudySpec, root: Path, *, only: str | None = None, dry_run: 
     """Everything ``study run`` does after parsing: returns the exit code (1 when a run failed, 75
     when a signal stopped the study: rerun it to go on). ``dry_run``: print what would be submitted,
     write nothing. ``prune=False`` (``--no-prune``): every cleaning run trains to the end."""
-    from clip_backdoor.study.executors import make_executor
+    from clip_backdoor.study.executor_factory import make_executor
     from clip_backdoor.study.prune import parse_prune
     from clip_backdoor.study.schedule import Outcome, Progress, Scheduler
 

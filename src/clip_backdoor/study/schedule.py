@@ -25,9 +25,10 @@ from pathlib import Path
 
 from clip_backdoor.fileio import read_jsonl, write_json
 from clip_backdoor.study import claims
+from clip_backdoor.study.durations import format_duration
 from clip_backdoor.study.executors import Executor, Job
+from clip_backdoor.study.expand import Run, StudyPlan
 from clip_backdoor.study.prune import PRUNED, PruneSettings, group_states
-from clip_backdoor.study.spec import Run, StudyPlan
 from clip_backdoor.train import preempt
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Progress:
         seconds = result.get("seconds", 0.0)
         if result.get("paused") is not None:
             log.info("%s paused at epoch %d of %d (prune rung) after %s", run.name, result["paused"],
-                     run.cfg.epochs, _duration(seconds))
+                     run.cfg.epochs, format_duration(seconds))
             return
         self.done += 1
         if result.get("pruned") is not None:
@@ -68,11 +69,11 @@ class Progress:
             row = result.get("row") or {}
             metrics = "  ".join(f"{k} {100 * row[k]:.1f}%" for k in ("acc1", "asr1")
                                 if isinstance(row.get(k), float) and not math.isnan(row[k]))
-            what = f"done in {_duration(seconds)}" + (f"  {metrics}" if metrics else "")
+            what = f"done in {format_duration(seconds)}" + (f"  {metrics}" if metrics else "")
         elif result.get("preempted") is not None:
-            what = f"stopped after {_duration(seconds)}: {result['error']}"
+            what = f"stopped after {format_duration(seconds)}: {result['error']}"
         else:
-            what = f"FAILED after {_duration(seconds)}: {result['error']}"
+            what = f"FAILED after {format_duration(seconds)}: {result['error']}"
         log.info("[%*d/%d] %s %s  %s", len(str(self.total)), self.done, self.total, run.name, what,
                  self._eta(remaining, running))
 
@@ -88,16 +89,7 @@ class Progress:
             if guess is None:
                 return "ETA ?"
             work += max(0.0, guess - (now - started))
-        return f"ETA {_duration(work / self.jobs)}" if remaining or running else ""
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        return f"ETA {format_duration(work / self.jobs)}" if remaining or running else ""
 
 
 def group_of(run: Run) -> tuple:

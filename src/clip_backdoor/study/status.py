@@ -22,7 +22,9 @@ from pathlib import Path
 
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import read_jsonl
-from clip_backdoor.study.spec import MANIFEST, Run, StudyPlan, expand, load_spec
+from clip_backdoor.study.durations import format_duration
+from clip_backdoor.study.expand import MANIFEST, Run, StudyPlan, expand
+from clip_backdoor.study.spec import load_spec
 
 FINISHED, ERROR_LOG, TRAIN_LOG, METRICS = "finished.json", "error.log", "train.log", "metrics.jsonl"
 STATES = ("finished", "running", "stopped", "failed", "pending")
@@ -118,7 +120,7 @@ def run_status(run: Run, speeds: dict[str, list[float]], now: float) -> RunStatu
         status.remaining_s = max(0.0, (run.cfg.epochs - done) * spe - status.idle_s)
         if status.idle_s > max(STALE_FLOOR_S, STALE_EPOCHS * spe):
             status.state, status.remaining_s = "stopped", (run.cfg.epochs - done) * spe
-            status.note = f"no activity for {_duration(status.idle_s)}; `study run` again resumes it"
+            status.note = f"no activity for {format_duration(status.idle_s)}; `study run` again resumes it"
             return status
     status.state = "running"
     return status
@@ -165,15 +167,6 @@ def eta_seconds(plan: StudyPlan, statuses: Sequence[RunStatus]) -> float | None:
     return sum(s.remaining_s for s in todo) / max(1, min(jobs, len(todo) or 1))
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def _pct(x) -> str:
     return f"{100 * x:.1f}%" if isinstance(x, int | float) and not math.isnan(x) else "—"
 
@@ -183,7 +176,7 @@ def format_status(plan: StudyPlan, statuses: Sequence[RunStatus]) -> str:
     eta = eta_seconds(plan, statuses)
     left = counts["running"] + counts["pending"] + counts["stopped"]
     eta_text = ("done" if not left else
-                f"ETA {_duration(eta)} at {plan.spec.run.jobs} job(s), from measured seconds per epoch"
+                f"ETA {format_duration(eta)} at {plan.spec.run.jobs} job(s), from measured seconds per epoch"
                 if eta is not None else "ETA unknown until a run of each stage has logged an epoch")
     summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
     lines = [f"{plan.root}: {len(statuses)} runs: {summary}; {eta_text}"]
@@ -197,10 +190,10 @@ def format_status(plan: StudyPlan, statuses: Sequence[RunStatus]) -> str:
                    if s.metrics else "")
         extra = []
         if _to_do(s) and s.remaining_s is not None:
-            extra.append(f"{'takes ~' if s.state == 'pending' else ''}{_duration(s.remaining_s)}"
+            extra.append(f"{'takes ~' if s.state == 'pending' else ''}{format_duration(s.remaining_s)}"
                          f"{'' if s.state == 'pending' else ' left'}")
         if s.state == "running" and s.idle_s is not None:
-            extra.append(f"last write {_duration(s.idle_s)} ago")
+            extra.append(f"last write {format_duration(s.idle_s)} ago")
         if s.note:
             extra.append(s.note)
         line = f"  {s.state:<9} {s.run.name:<{width}}  {epoch:<11} {metrics:<26} {'; '.join(extra)}"

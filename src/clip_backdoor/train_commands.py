@@ -4,6 +4,10 @@ Both read an optional YAML (`--config`), then flags, then dotted overrides (`opt
 among the flags), and save the resolved config in the run directory. Cleaning differs only in its
 defaults (REFERENCE.md CleanCLIP recipe: lr 1e-5, 50 warm-up steps, batch 64, 10 epochs, evaluate at
 epoch 0) and in starting from a checkpoint.
+
+These handlers sit beside ``cli.py``, above ``train``, ``cleaning`` and ``defenses``: they pick a
+recipe from ``cleaning`` / ``defenses``, which themselves build on ``train.loop``, so ``train``
+never imports them.
 """
 
 from __future__ import annotations
