@@ -4,7 +4,7 @@ objectives, every cleaning method, the k-poison variant) in parallel workers and
 import csv
 
 from clip_backdoor.study.expand import expand
-from clip_backdoor.study.runner import RESULT_COLUMNS
+from clip_backdoor.study.results import RESULT_COLUMNS
 from clip_backdoor.study.spec import load_spec
 
 # quick_demo (tests/conftest.py): the demo runs once per session; the browser and status tests read it too.
