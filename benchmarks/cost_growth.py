@@ -61,7 +61,7 @@ def measure(epochs: int, cleaning_epochs: int, work: Path, scale: float = 1.0) -
     rows = []
     base = None
     # first-use costs (imports, kernels' first calls) would otherwise land on the first point
-    _pretrain(work / "warm-up", max(256, points["pairs"][0] // 10), 100, 1)
+    _pretrain(work / "warm-up", points["pairs"][0], points["eval_n"][0], 1)
     for pairs in points["pairs"]:
         seconds = _pretrain(work / f"pre-{pairs}", pairs, demo["eval_n"], epochs)
         rows.append({"grows": "pre-training pairs", "size": pairs, "seconds": seconds})

@@ -27,6 +27,7 @@ QUICK = [
     "pretrain.objectives=[mmcl, {name: mmcl+ssl, epochs: 1}]",  # SSL steps cost ~3x; one epoch shows it runs
     "pretrain.warmup_steps=20",
     "cleaning.size=200",
+    "cleaning.batch_size=50",  # 4 steps per epoch: the grid's shape, at the smoke test's cost
     "cleaning.lrs=[1e-4,1e-3]",
     "cleaning.epochs=2",
     "cleaning.warmup_steps=2",
