@@ -535,6 +535,20 @@ def _named_entry(entry, where: str, expected: str) -> dict:
     return entry
 
 
+def _recipe_entry(entry, where: str, what: str, valid: tuple[str, ...]) -> tuple[dict, str, dict]:
+    """A defence or cleaning-method entry: (the mapping, its name, its params), keys and types checked."""
+    entry = _named_entry(entry, where, f"a {what} name or {{{', '.join(valid)}}}")
+    for key in entry:
+        if key not in valid:
+            raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(valid)})")
+    name, params = entry.get("name"), entry.get("params") or {}
+    if not isinstance(name, str):
+        raise UserError(f"{where}.name: expected a {what} name, got {name!r}")
+    if not isinstance(params, dict):
+        raise UserError(f"{where}.params: expected a mapping, got {params!r}")
+    return entry, name, params
+
+
 def pretrain_objectives(p: PretrainSpec) -> dict[str, PretrainSpec]:
     """Objective label -> its pre-training settings (the section's, changed by the entry's own)."""
     return {label: settings for label, (_, settings) in _objective_entries(p).items()}
@@ -608,15 +622,7 @@ def defenses(p: PretrainSpec) -> list[Defense]:
     out = []
     for i, entry in enumerate(p.defenses):
         where = f"pretrain.defenses[{i}]"
-        entry = _named_entry(entry, where, "a defence name or {name, params, label}")
-        for key in entry:
-            if key not in ("name", "params", "label"):
-                raise UserError(f"{where}.{key}: unknown key (valid: name, params, label)")
-        name, params = entry.get("name"), entry.get("params") or {}
-        if not isinstance(name, str):
-            raise UserError(f"{where}.name: expected a defence name, got {name!r}")
-        if not isinstance(params, dict):
-            raise UserError(f"{where}.params: expected a mapping, got {params!r}")
+        entry, name, params = _recipe_entry(entry, where, "defence", ("name", "params", "label"))
         if name == FILTER:
             params = _filter_params(params, f"{where}.params")
             default = f"filter-{params['detector']}-{short_number(params['budget'])}"
@@ -676,16 +682,8 @@ def methods(c: CleaningSpec) -> list[Method]:
     out = []  # an empty list: a pre-training-only study (e.g. of defences)
     for i, entry in enumerate(c.methods):
         where = f"cleaning.methods[{i}]"
-        entry = _named_entry(entry, where, "a method name or {name, params, label, lrs, k, batch_size}")
-        valid = ("name", "params", "label", "lrs", "k", "batch_size")
-        for key in entry:
-            if key not in valid:
-                raise UserError(f"{where}.{key}: unknown key (valid: {', '.join(valid)})")
-        name, params = entry.get("name"), entry.get("params") or {}
-        if not isinstance(name, str):
-            raise UserError(f"{where}.name: expected a method name, got {name!r}")
-        if not isinstance(params, dict):
-            raise UserError(f"{where}.params: expected a mapping, got {params!r}")
+        entry, name, params = _recipe_entry(entry, where, "method",
+                                            ("name", "params", "label", "lrs", "k", "batch_size"))
         try:
             recipe = build_recipe(name, params)
         except UserError as e:
