@@ -126,6 +126,10 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     ({"pretrain": {"epoch": 3}}, "pretrain.epoch: unknown key"),
     ({"cleaning": {"methods": ["mmcl", {"name": "cleanclip", "parms": {}}]}},
      "cleaning.methods[1].parms: unknown key"),
+    ({"cleaning": {"methods": [{"name": ["mmcl"]}]}},
+     "cleaning.methods[0].name: expected a method name, got ['mmcl']"),
+    ({"cleaning": {"methods": [{"name": "mmcl", "params": "x"}]}},
+     "cleaning.methods[0].params: expected a mapping, got 'x'"),
     ({"pretrain": {"objectives": ["mmcl", {"name": "mmcl+ssl", "batchsize": 32}]}},
      "pretrain.objectives[1].batchsize: unknown key"),
 ])
