@@ -231,8 +231,20 @@ def paired_t_power(mean: float, sd: float, n: int, confidence: float = 0.95) -> 
 
 def seeds_for_power(mean: float, sd: float, power: float = 0.8, confidence: float = 0.95,
                     max_n: int = 1000) -> int | None:
-    """The smallest number of seeds whose paired t-test reaches ``power`` (None beyond max_n)."""
-    for n in range(2, max_n + 1):
-        if paired_t_power(mean, sd, n, confidence) >= power:
-            return n
-    return None
+    """The smallest number of seeds whose paired t-test reaches ``power`` (None beyond max_n). Power
+    grows with n, so doubling then bisecting needs O(log n) evaluations, not n."""
+    def reaches(n: int) -> bool:
+        return paired_t_power(mean, sd, n, confidence) >= power
+
+    if reaches(2):
+        return 2
+    low, high = 2, 4  # reaches(low) is False
+    while not reaches(min(high, max_n)):
+        if high >= max_n:
+            return None
+        low, high = high, high * 2
+    high = min(high, max_n)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if reaches(mid) else (mid, high)
+    return high
