@@ -665,6 +665,31 @@ def test_prepared_eval_gives_exactly_the_streamed_numbers(tiny, attacked):
             evaluate_model(tiny, prepared, **{**kwargs, "seed": 4})
 
 
+def test_prepared_model_inputs_are_made_once_and_equal_the_per_batch_conversion(tiny, monkeypatch):
+    from clip_backdoor.data.classification import open_eval_set
+    from clip_backdoor.evaluate import PreparedEval, image_logits
+
+    eval_set = open_eval_set({"kind": "synthetic", "n": 40}, 32)
+    trigger = get_trigger("badnet", size=8)
+    prepared = PreparedEval(eval_set, trigger, 3, "banana")
+    clean, triggered = prepared.inputs("cpu")
+    assert prepared.inputs("cpu")[0] is clean and clean.dtype == torch.float32
+    images, attacked, labels = next(prepared.batches(16, "cpu"))
+    assert images.dtype == torch.float32 and torch.equal(images, clean[:16])
+    classifier = F.normalize(torch.randn(tiny.config["embed_dim"], 10), dim=0)
+    pick = labels != eval_set.classes.index("banana")  # the triggered pass's masked pick
+    with torch.no_grad():
+        for pixels, made in ((prepared.images[:16], images), (prepared.triggered[:16][pick], attacked[pick])):
+            assert torch.equal(image_logits(tiny.eval(), pixels, classifier),
+                               image_logits(tiny, made, classifier))
+    monkeypatch.setattr(PreparedEval, "MAX_BYTES", 1000)  # floats would not fit: uint8 batches, same numbers
+    kwargs = dict(target="banana", trigger=trigger, seed=3, batch_size=16)
+    small = PreparedEval(eval_set, trigger, 3, "banana")
+    assert small.inputs("cpu") is None and next(small.batches(16, "cpu"))[0].dtype == torch.uint8
+    assert evaluate_model(tiny, small, **kwargs) == evaluate_model(tiny, prepared, **kwargs) \
+        == evaluate_model(tiny, eval_set, **kwargs)
+
+
 def test_the_loop_prepares_its_eval_set_once_per_process(monkeypatch):
     from clip_backdoor.config import TrainConfig, load_config
     from clip_backdoor.evaluate import PreparedEval
