@@ -625,6 +625,34 @@ def test_cleaning_draws_its_own_views_not_the_pretraining_ones(pretrained):
     assert differ > len(same_rows) // 4, (differ, len(same_rows))
 
 
+def test_wordnet_loads_once_in_the_training_process_not_in_each_loader_worker(pretrained, tmp_path,
+                                                                                 monkeypatch):
+    """Loader workers are forked: WordNet loaded before the fork is theirs for free, where each worker
+    importing nltk itself cost ~2 s on every SSL run's first epoch."""
+    import os
+
+    from clip_backdoor.data import augment
+    from clip_backdoor.train.distributed import DistEnv
+    from clip_backdoor.train.loop import build_loader
+
+    calls = tmp_path / "loads"
+
+    class Recorded:
+        def __init__(self):
+            with open(calls, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+        def lookup(self, word):
+            return ("zz" + word,)
+
+    monkeypatch.setattr(augment, "WORDNET", augment.LazyWordNet(loader=Recorded))
+    cfg = cfg_for(pretrained, "objective.ssl_weight=1", "data.workers=1")
+    loader = build_loader(cfg, image_size=32, context_length=16, env=DistEnv(), with_text_view=True)
+    loader.set_epoch(1)
+    assert len(list(loader)) == len(loader)
+    assert calls.read_text().split() == [str(os.getpid())]
+
+
 def test_overrides_may_come_anywhere_among_the_flags(pretrained, tmp_path):
     assert cli(["pretrain", "epochs=1", "--run-dir", str(tmp_path / "p"), "eval.every=0", "--seed", "3",
                 *SMALL]) == 0

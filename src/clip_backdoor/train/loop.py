@@ -478,6 +478,7 @@ def build_loader(cfg: TrainConfig, *, image_size: int, context_length: int, env:
         from clip_backdoor.data.augment import EDA
 
         eda = EDA(mode=cfg.objective.eda, seed=view_seed(cfg), alpha=cfg.objective.eda_alpha)
+        eda.preload()
     return build_train_loader(source, image_size=image_size, context_length=context_length,
                               batch_size=batch_size or per_rank_batch(cfg.batch_size, env.world_size),
                               workers=cfg.data.workers, seed=cfg.seed, eda=eda,
