@@ -157,6 +157,8 @@ def test_unlearned_line_uses_the_study_reports_threshold():
     line = unlearned_line(EVAL, POISONED, rows)
     assert line.startswith("backdoor not learned: asr1 5.0% at epoch 2") and "25 poisons (0.5%)" in line
     assert line.endswith("try a larger trigger, more poisons or more epochs")  # eval and poisons agree
+    defended = unlearned_line({**EVAL, "defense": "roclip"}, POISONED, rows)  # the defence worked
+    assert defended.endswith("under the roclip defence: compare with the same run undefended")
     # the study report's warning draws the line in the same place
     study_rows = [{"stage": "pretrain", "pretrain": "mmcl", "seed": 0, "epoch": 2, "asr1": a, "acc1": 0.5}
                   for a in (0.05,)]

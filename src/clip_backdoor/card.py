@@ -152,6 +152,8 @@ def unlearned_line(config: dict, record: dict, rows: list[dict]) -> str | None:
     if p.get("trigger") and evaluated_with and evaluated_with != poisoned_with:
         return line + (f"; but the evaluation's trigger is another ({_trigger_text(*evaluated_with)}): set "
                        "eval.trigger / eval.trigger_params to the poisons'")
+    if config.get("defense"):  # a low ASR is what a defence is for, not a setup problem
+        return line + f" under the {config['defense']} defence: compare with the same run undefended"
     return line + "; try a larger trigger, more poisons or more epochs"
 
 
