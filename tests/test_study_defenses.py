@@ -127,6 +127,56 @@ def test_a_defended_model_at_low_asr_is_not_an_unlearned_backdoor():
     assert select.unlearned_backdoors(rows) == ["MMCL+SSL"]
 
 
+def _pre(seed, pretrain, acc, asr, epoch=2):
+    return {"seed": str(seed), "stage": "pretrain", "pretrain": pretrain, "epoch": str(epoch),
+            "acc1": str(acc), "asr1": str(asr)}
+
+
+def test_defence_effects_are_paired_by_seed_against_the_same_objective_undefended():
+    import math
+    import statistics
+
+    from clip_backdoor.study.defense_effects import defense_display, defense_effects, defense_sentences
+
+    undefended = {0: (0.40, 0.90), 1: (0.36, 0.96), 2: (0.38, 0.99)}
+    defended = {0: (0.20, 0.30), 1: (0.15, 0.04), 2: (0.18, 0.10), 3: (0.5, 0.0)}  # seed 3: no partner
+    rows = [_pre(s, "mmcl", *v) for s, v in undefended.items()]
+    rows += [_pre(s, "mmcl", 0.1, 0.1, epoch=1) for s in undefended]  # an earlier epoch: not the model
+    rows += [_pre(s, "mmcl,defense=safeclip", *v) for s, v in defended.items()]
+    rows += [_pre(0, "mmcl+ssl", 0.4, 0.8)]  # another objective, undefended only: no effect record
+    [effect] = defense_effects(rows)
+    assert effect["pretrain"] == "mmcl,defense=safeclip" and effect["seeds"] == [0, 1, 2]
+    d = [defended[s][1] - undefended[s][1] for s in (0, 1, 2)]  # by hand
+    t = statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(3))
+    test = effect["asr1_test"]
+    assert test.n == 3 and math.isclose(test.mean, statistics.fmean(d)) and math.isclose(test.t, t)
+    assert effect["asr1_change"] == pytest.approx(d)
+    assert effect["acc1_change"] == pytest.approx([-0.20, -0.21, -0.20])
+    assert effect["kept_out"] == 1  # only seed 1 at ASR <= 5%
+    [row] = defense_display([effect])
+    assert row["pre-training"] == "MMCL + SafeCLIP" and row["seeds at ASR ≤ 5%"] == "1 / 3"
+    assert row["ASR: undefended → defended (%)"] == "95.0 → 14.7"
+    assert row["defended ASR per seed (%)"] == "30.0, 4.0, 10.0"
+    text = defense_sentences([effect])
+    assert text.startswith("MMCL + SafeCLIP against MMCL undefended, paired over 3 seeds: ASR 95.0% → 14.7%")
+    assert "kept out (ASR ≤ 5%) in 1 of 3 seeds" in text
+
+
+def test_a_defences_study_headline_speaks_of_the_defences_not_of_cleaning():
+    from clip_backdoor.study.headline import conclusions, headline_rows
+
+    rows = [_pre(s, p, 0.4, a) for s in (0, 1, 2) for p, a in (("mmcl", 0.9), ("mmcl,defense=roclip", 0.2))]
+    text = conclusions(rows)
+    assert "MMCL + RoCLIP against MMCL undefended" in text and "paper's finding" not in text
+    assert [r["cleaning"] for r in headline_rows(rows)] == ["(undefended; not cleaned)",
+                                                           "(defended; not cleaned)"]
+    cleaning = [{"seed": "0", "stage": "clean", "pretrain": "mmcl", "method": "cleanclip", "k": "0",
+                 "lr": "1e-4", "epoch": "1", "acc1": "0.3", "asr1": "0.5", "run": "r"}]
+    both = conclusions(rows + cleaning)  # with cleaning runs the paper's finding is back
+    assert "paper's finding" in both and "MMCL + RoCLIP against" in both
+    assert "defence" not in conclusions(rows[:1] + cleaning)  # no defended model: no defence sentence
+
+
 # --------------------------------------------------------------------------------------------
 # Runner, end to end
 # --------------------------------------------------------------------------------------------
@@ -172,6 +222,12 @@ def test_study_runs_defences_detection_and_filter(finished):
     assert (out / "report" / "detection.md").is_file()
     headline = (out / "report" / "headline.md").read_text()
     assert "MMCL + RoCLIP" in headline and "(defended; not cleaned)" in headline
+    assert "MMCL + SafeCLIP against MMCL undefended, paired over 1 seed" in headline
+    assert "Defences against the same objective undefended" in page
+    effects = (out / "report" / "defenses.md").read_text()
+    assert "MMCL + filter-then-retrain (dao, 0.25)" in effects
+    with open(out / "report" / "defenses.csv", newline="") as f:
+        assert {r["defense"] for r in csv.DictReader(f)} == {"safeclip", "roclip", "filter-dao-0.25"}
 
 
 def test_a_rerun_trains_nothing_and_a_missing_detection_is_redone(finished, caplog):

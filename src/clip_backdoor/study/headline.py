@@ -1,6 +1,7 @@
 """The headline of a study: its table (per objective, the poisoned model and each cleaning method's
-selected checkpoint), the note saying what its numbers are, and the sentence on the paper's finding
-(``study/finding.py``), as display strings rendered to Markdown (and by ``report.py`` to HTML).
+selected checkpoint), the note saying what its numbers are, and the sentences on the paper's finding
+(``study/finding.py``) and on each pre-training defence (``study/defense_effects.py``), as display
+strings rendered to Markdown (and by ``report.py`` to HTML).
 
 The numbers come from ``study/select.py``; this module only formats them, so selection imports no
 presentation and ``finding`` (which builds on selection) sits between the two.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from clip_backdoor.study.defense_effects import defense_effects, defense_sentences
 from clip_backdoor.study.finding import finding_text
 from clip_backdoor.study.select import (
     DEFAULT_CONFIDENCE,
@@ -112,6 +114,7 @@ def headline_rows(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int =
                *(["its ASR (%)"] if validated else []), found_col, "change vs poisoned", "min ASR (%)",
                f"min ASR keeping ≥ {keep} acc (%)"]
     pretrains = sorted({r["pretrain"] for r in table} | set(poisoned) | set(baselines), key=objective_key)
+    defended_only = not clean_rows(rows) and any(is_defended(p) for p in pretrains)
     out = []
     for pretrain in pretrains:
         models = {"pre-training": objective_label(pretrain),
@@ -121,7 +124,10 @@ def headline_rows(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int =
         methods = sorted({(r["method"], r["k"]) for r in table if r["pretrain"] == pretrain},
                          key=lambda mk: (mk[1], method_key(mk[0])))
         if not methods:
-            why = "(defended; not cleaned)" if is_defended(pretrain) else "(no cleaning runs yet)"
+            if is_defended(pretrain):
+                why = "(defended; not cleaned)"
+            else:  # a defences study compares pre-trainings and has no cleaning stage
+                why = "(undefended; not cleaned)" if defended_only else "(no cleaning runs yet)"
             out.append({c: models.get(c, "") for c in columns} | {"cleaning": why})
         first = True
         for method, k in methods:
@@ -184,7 +190,19 @@ def headline_table(rows: Sequence[dict], tau: float = HEADLINE_TAU, digits: int 
     if not records:
         return "_No results yet._\n"
     return (markdown_table(records) + "\n" + headline_note(rows, tau, confidence) + "\n\n"
-            + finding_text(rows, confidence=confidence, tau=tau) + "\n")
+            + conclusions(rows, tau=tau, confidence=confidence) + "\n")
+
+
+def conclusions(rows: Sequence[dict], *, tau: float = HEADLINE_TAU,
+                confidence: float = DEFAULT_CONFIDENCE) -> str:
+    """The computed sentences under the headline: on the paper's finding (about cleaning) unless the
+    study only compares pre-training defences; on each defence when it has defended models."""
+    rows = typed_rows(rows)
+    effects = defense_effects(rows, tau=tau, confidence=confidence)
+    parts = [] if effects and not clean_rows(rows) else [finding_text(rows, confidence=confidence, tau=tau)]
+    if effects:
+        parts.append(defense_sentences(effects, tau=tau, confidence=confidence))
+    return "\n\n".join(parts)
 
 
 def headline_note(rows: Sequence[dict], tau: float = HEADLINE_TAU,

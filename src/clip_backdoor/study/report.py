@@ -29,6 +29,12 @@ from clip_backdoor import environment
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, write_json
 from clip_backdoor.study import headline, select
+from clip_backdoor.study.defense_effects import (
+    defense_display,
+    defense_effects,
+    defense_records,
+    defense_sentences,
+)
 from clip_backdoor.study.figures import FIGURES, STYLE, StudyData, save_figure
 from clip_backdoor.study.select import (
     DEFAULT_CONFIDENCE,
@@ -243,7 +249,8 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
                 headline_note: str, figures: dict[str, str | None], selection: Sequence[dict],
                 poisoned: Sequence[dict], runs: Sequence[dict], config_text: str | None,
                 finding: str = "", environment_summary: dict | None = None,
-                detection: tuple[list[dict], list[dict]] = ([], [])) -> str:
+                detection: tuple[list[dict], list[dict]] = ([], []),
+                defenses: Sequence[dict] = ()) -> str:
     n_runs = len({(r["stage"], *select.run_key(r)) for r in data.rows})
     objectives = ", ".join(objective_label(o) for o in data.objectives) or "none"
     methods = ", ".join(method_label(m) for m in data.methods) or "none"
@@ -279,6 +286,12 @@ def render_html(*, name: str, data: StudyData, notes: Sequence[str], headline: S
               "ASR of what they chose. Mean ± half-width of the Student-t interval over the seeds where the "
               "rule found a point; lr and epoch are listed per seed.</p>",
               html_table(selection), "<h2>Poisoned (and clean) models</h2>", html_table(poisoned)]
+    if defenses:
+        parts += ["<h2>Defences against the same objective undefended</h2>",
+                  "<p class=\"how\">Per seed, the defended model minus the same objective's undefended "
+                  "poisoned model (last pre-training epoch), in percentage points: mean ± half-width of the "
+                  "t interval over seeds, two-sided paired t-test. A lower ASR at an accuracy near chance "
+                  "is a model that learned little, not a clean one.</p>", html_table(defenses)]
     scores, filters = detection
     if scores or filters:
         parts += ["<h2>Poisoned-sample detection</h2>",
@@ -373,6 +386,16 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                 save_figure(result, out, name)
                 skipped[name] = None
 
+    effects = defense_effects(rows, tau=tau, confidence=confidence)
+    defenses = defense_display(effects, tau=tau)
+    if effects:
+        write_csv(out / "defenses.csv", defense_records(effects))
+        atomic_write_text(out / "defenses.md", "# Defences against the same objective undefended\n\n"
+                          + headline.markdown_table(defenses) + "\n"
+                          + defense_sentences(effects, tau=tau, confidence=confidence) + "\n")
+    else:  # files of an earlier report must not outlive their data
+        for stale in ("defenses.csv", "defenses.md"):
+            (out / stale).unlink(missing_ok=True)
     detection = detection_display(read_detection(study_dir / "detection.csv"))
     if detection[0] or detection[1]:
         atomic_write_text(out / "detection.md", "# Poisoned-sample detection\n\n"
@@ -380,8 +403,6 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                           + ("\n" + headline.markdown_table(detection[1]) if detection[1] else ""))
     config_path = study_dir / "study.yaml"
     config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
-    from clip_backdoor.study.finding import finding_text
-
     page = render_html(name=_study_name(study_dir, config_text), data=data,
                        notes=study_notes(data, config_path),
                        headline=headline.headline_rows(rows, tau, confidence=confidence),
@@ -389,8 +410,8 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                        selection=selection_display(table),
                        poisoned=poisoned_display(poisoned) + poisoned_display(baselines, "clean, no poisons"),
                        runs=runs_display(runs), config_text=config_text,
-                       finding=finding_text(rows, confidence=confidence, tau=tau),
-                       environment_summary=summary, detection=detection)
+                       finding=headline.conclusions(rows, tau=tau, confidence=confidence),
+                       environment_summary=summary, detection=detection, defenses=defenses)
     index = out / "index.html"
     atomic_write_text(index, page)
     log.info("report: %s", index)
