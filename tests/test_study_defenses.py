@@ -224,6 +224,7 @@ def test_study_runs_defences_detection_and_filter(finished):
     assert "MMCL + RoCLIP" in headline and "(defended; not cleaned)" in headline
     assert "MMCL + SafeCLIP against MMCL undefended, paired over 1 seed" in headline
     assert "Defences against the same objective undefended" in page
+    assert "The study has no cleaning stage" in page and "has no cleaning runs yet" not in page
     effects = (out / "report" / "defenses.md").read_text()
     assert "MMCL + filter-then-retrain (dao, 0.25)" in effects
     with open(out / "report" / "defenses.csv", newline="") as f:

@@ -75,8 +75,10 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
         return notes
     if not data.pretrain:
         notes.append("No pre-training epochs in the results.")
+    cleans = _has_cleaning_stage(study_yaml)
     if not data.clean:
-        notes.append("No cleaning runs in the results yet: selection and cleaning figures are empty.")
+        notes.append("No cleaning runs in the results yet: selection and cleaning figures are empty."
+                     if cleans else "The study has no cleaning stage: it compares pre-trainings only.")
     if not data.has_asr:
         notes.append("No ASR in the results: oracle selection (ASR ≤ τ, minimum ASR) is not possible.")
     for label in select.unlearned_backdoors(data.rows, data.tau):
@@ -89,7 +91,7 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
                      "mind.")
     for objective in data.objectives:
         # a defended model is compared as pre-trained, not cleaned
-        if not is_defended(objective) and not any(r["pretrain"] == objective for r in data.clean):
+        if cleans and not is_defended(objective) and not any(r["pretrain"] == objective for r in data.clean):
             notes.append(f"Pre-training objective {objective_label(objective)} has no cleaning runs yet.")
         if not any(key[1] == objective for key in data.poisoned):
             notes.append(f"No evaluation of the poisoned {objective_label(objective)} model "
@@ -119,6 +121,18 @@ def study_notes(data: StudyData, study_yaml: Path) -> list[str]:
             notes.append(f"{objective_label(objective)} / {method_label(method, k)}: results for "
                          f"{len(seeds)} of {len(data.seeds)} seeds.")
     return notes
+
+
+def _has_cleaning_stage(study_yaml: Path) -> bool:
+    """Whether the study's config asks for cleaning runs (True when it cannot be read: say less)."""
+    try:
+        spec = yaml.safe_load(study_yaml.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return True
+    cleaning = spec.get("cleaning") if isinstance(spec, dict) else None
+    if not isinstance(cleaning, dict) or "methods" not in cleaning:
+        return True  # the spec's default methods
+    return bool(cleaning["methods"])
 
 
 # ------------------------------------------------------------------------------------------------
