@@ -59,6 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (autocast)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per setting; the median is kept")
+    p.add_argument("--ab-rounds", type=int, default=8,
+                   help="alternating rounds of prepared inputs kept vs converted per batch (0: skip)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     return p.parse_args(argv)
 
@@ -88,6 +90,31 @@ def timed(fn, repeats: int) -> tuple[float, dict]:
     return statistics.median(times), result
 
 
+def inputs_ab(model, eval_set, trigger, args, precision: str, classifier) -> dict:
+    """Prepared acc + ASR with the images kept as model inputs (what the loop does) against the same
+    set converting each batch (the previous code), in alternating rounds in this process: the fair
+    comparison, since separate invocations vary by more than the difference."""
+    kept = PreparedEval(eval_set, trigger, 0, args.target)
+    per_batch = PreparedEval(eval_set, trigger, 0, args.target)
+    per_batch._inputs[str(torch.device(args.device))] = None  # as when the floats do not fit
+    run = {name: functools.partial(evaluate_model, model, s, batch_size=args.batch_size, device=args.device,
+                                   precision=precision, classifier=classifier, target=args.target,
+                                   trigger=trigger)
+           for name, s in (("kept", kept), ("per_batch", per_batch))}
+    if run["kept"]() != run["per_batch"]():
+        raise SystemExit("prepared inputs changed the metrics")
+    times: dict[str, list[float]] = {"kept": [], "per_batch": []}
+    for r in range(args.ab_rounds):
+        for name in ("kept", "per_batch") if r % 2 == 0 else ("per_batch", "kept"):
+            start = time.perf_counter()
+            run[name]()
+            times[name].append(time.perf_counter() - start)
+    kept_s, per_batch_s = statistics.median(times["kept"]), statistics.median(times["per_batch"])
+    return {"precision": precision, "rounds": args.ab_rounds,
+            "per_batch_images_per_s": round(args.n / per_batch_s, 1),
+            "kept_images_per_s": round(args.n / kept_s, 1), "speedup": round(per_batch_s / kept_s, 3)}
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -102,7 +129,7 @@ def main(argv: list[str]) -> int:
     prepared = {False: PreparedEval(eval_set), True: PreparedEval(eval_set, trigger, 0, args.target)}
 
     tokenize("warm up")  # the first call reads the BPE vocabulary; keep that out of the timings
-    rows, classifier_s = [], {}
+    rows, classifier_s, ab = [], {}, []
     for precision in args.precisions.split(","):
         start = time.perf_counter()
         classifier = build_classifier(model, eval_set.classes, eval_set.templates,
@@ -123,6 +150,8 @@ def main(argv: list[str]) -> int:
                              "metrics": "acc + ASR" if attacked else "acc", "seconds": round(seconds, 4),
                              "eval_images_per_s": round(args.n / seconds, 1),
                              "acc1": metrics["acc1"], "asr1": metrics.get("asr1")})
+        if args.ab_rounds:
+            ab.append(inputs_ab(model, eval_set, trigger, args, precision, classifier))
     load_after = os.getloadavg()
 
     result = {
@@ -133,6 +162,7 @@ def main(argv: list[str]) -> int:
                        "seconds": classifier_s},
         "render_images_per_s": round(args.n / render_s, 1),
         "rows": rows,
+        "prepared_inputs_ab": ab,
         "target_eval_images_per_s": TARGET_EVAL_IMAGES_PER_S,
         "environment": environment(threads=torch.get_num_threads(), machine=platform.machine()),
         "load_average_before": load_before, "load_average_after": load_after,
@@ -151,6 +181,10 @@ def print_table(result: dict) -> None:
     print_rows([("precision", "precision", "<9"), ("data", "data", "<11"), ("workers", "workers", ">7"),
                 ("metrics", "metrics", "<10"), ("seconds", "seconds", ">8.3f"),
                 ("eval images/s", "eval_images_per_s", ">14.0f")], result["rows"])
+    for ab in result.get("prepared_inputs_ab", []):
+        print(f"\nprepared acc + ASR, {ab['precision']}, {ab['rounds']} alternating rounds: images "
+              f"converted per batch {ab['per_batch_images_per_s']:.0f}/s, kept as model inputs "
+              f"{ab['kept_images_per_s']:.0f}/s ({ab['speedup']:.3f}x)")
     print(f"\ntarget: {result['target_eval_images_per_s']:.0f} eval images/s for acc + ASR in the training "
           "loop's configuration (prepared)")
 

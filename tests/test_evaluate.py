@@ -706,3 +706,24 @@ def test_the_loop_prepares_its_eval_set_once_per_process(monkeypatch):
     monkeypatch.setattr(loop, "_PREPARED", {})
     d, _ = loop._eval_parts(cfg, 32)
     assert not isinstance(d, PreparedEval)
+
+
+def test_evaluation_benchmark_smoke_times_kept_against_per_batch_inputs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "evaluate.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--n", "40", "--batch-size", "16", "--repeats", "1", "--workers", "0",
+                           "--precisions", "fp32", "--ab-rounds", "2", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    [ab] = result["prepared_inputs_ab"]  # it exits instead when the two paths' metrics differ
+    assert ab["precision"] == "fp32" and ab["rounds"] == 2 and ab["speedup"] > 0
+    assert {r["data"] for r in result["rows"]} == {"on the fly", "in memory", "prepared"}
