@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from _scripts import load_script
 
 
 def test_cost_growth_benchmark_smoke(tmp_path, monkeypatch):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_growth.py"
-    spec = importlib.util.spec_from_file_location("cost_growth_benchmark", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/cost_growth.py")
     # tiny sizes (the suite's budget): one batch of 128 to four, cleaning sets of one to four batches of 25
     monkeypatch.setattr(module, "DEMO", {"pairs": 256, "eval_n": 40, "cleaning": 50})
     monkeypatch.setattr(module, "POINTS", {"pairs": (128, 256, 512), "eval_n": (20, 40, 80),

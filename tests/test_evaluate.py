@@ -709,20 +709,13 @@ def test_the_loop_prepares_its_eval_set_once_per_process(monkeypatch):
 
 
 def test_evaluation_benchmark_smoke_times_kept_against_per_batch_inputs(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from _scripts import load_script, run_keeping_threads
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("evaluate_benchmark", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/evaluate.py")
     out = tmp_path / "evaluate.json"
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--n", "40", "--batch-size", "16", "--repeats", "1", "--workers", "0",
-                           "--precisions", "fp32", "--ab-rounds", "2", "--threads", "1", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_keeping_threads(bench.main, ["--n", "40", "--batch-size", "16", "--repeats", "1", "--workers",
+                                            "0", "--precisions", "fp32", "--ab-rounds", "2", "--threads",
+                                            "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     [ab] = result["prepared_inputs_ab"]  # it exits instead when the two paths' metrics differ
     assert ab["precision"] == "fp32" and ab["rounds"] == 2 and ab["speedup"] > 0

@@ -6,12 +6,12 @@ run from elsewhere it skips with one line. The comparison itself is tested on co
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
+from _scripts import load_script
 from clip_backdoor.environment import in_project_venv, installed_distributions, read_pins, unpinned
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +55,7 @@ def test_a_line_that_is_not_an_exact_pin_is_refused(line):
 
 def test_lock_script_freezes_an_environment_without_the_project(tmp_path):
     """`scripts/lock.py --from PYTHON` (the path `make lock` takes after its fresh install)."""
-    spec = importlib.util.spec_from_file_location("lock", REPO / "scripts" / "lock.py")
-    lock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lock)
+    lock = load_script("scripts/lock.py")
     out = tmp_path / "constraints.txt"
     assert lock.main(["--from", sys.executable, "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
@@ -71,9 +69,7 @@ def test_lock_script_freezes_an_environment_without_the_project(tmp_path):
 def test_lock_pins_leave_out_the_project_and_keep_torch_as_pinned(monkeypatch):
     """pins_of on a constructed `pip freeze`: the project (editable or not) is left out, torch's local
     build label is dropped, a package installed from a path cannot be pinned."""
-    spec = importlib.util.spec_from_file_location("lock", REPO / "scripts" / "lock.py")
-    lock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lock)
+    lock = load_script("scripts/lock.py")
     frozen = ("PyYAML==6.0.4\nclip_backdoor==0.1.0\n-e /work/repo\ntorch==2.13.0+cpu\n# comment\n"
               "numpy==2.4.6\n")
     monkeypatch.setattr(lock, "run", lambda cmd, **kwargs: frozen)

@@ -335,19 +335,12 @@ def test_missing_config_file_and_invalid_json(tmp_path):
 # --- the training-step benchmark still runs -----------------------------------------------------
 
 def test_train_step_benchmark_smoke(tmp_path):
-    import importlib.util
+    from _scripts import load_script, run_keeping_threads
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/train_step.py")
     out = tmp_path / "train_step.json"
-    threads = torch.get_num_threads()
-    try:
-        bench.main(["--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
-                    "--precisions", "fp32", "--matmul-size", "256", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    run_keeping_threads(bench.main, ["--batch", "4", "--steps", "1", "--warmup", "0", "--threads", "1",
+                                     "--precisions", "fp32", "--matmul-size", "256", "--out", str(out)])
     result = json.loads(out.read_text())
     ours = [r for r in result["runs"] if r["impl"] == "ours"]
     assert [r["impl"] for r in result["runs"]] == ["ours", "reference"] * 2  # timed in the same rounds
@@ -364,14 +357,9 @@ def test_train_step_benchmark_smoke(tmp_path):
 # An independent implementation: the eager reference CLIP of benchmarks/reference_clip.py
 # --------------------------------------------------------------------------------------------
 def _reference_module():
-    import importlib.util
-    from pathlib import Path
+    from _scripts import load_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_clip.py"
-    spec = importlib.util.spec_from_file_location("reference_clip", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/reference_clip.py")
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
