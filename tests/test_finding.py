@@ -152,3 +152,23 @@ def test_with_a_validation_split_the_selection_is_held_out():
     assert "validation-selected, test-reported" in finding.sentence(c)
     text = finding.finding_text(rows_of(points, val=val))
     assert text.count("\n\n") == 1 and text.startswith("The paper's finding")
+
+
+def test_a_study_that_cleans_with_par_gets_the_same_sentences_for_par():
+    """The open question "does the objective decide PAR's success too?": PAR's own paired test, on its
+    own runs; CleanCLIP's sentences stay first and unchanged."""
+    cleanclip = study([0.47, 0.46, 0.48, 0.45], [0.25, 0.22, 0.27, 0.20])
+    par = [{**r, "method": "par", "run": r["run"].replace("cleanclip", "par"),
+            "acc1": {"mmcl": 0.40, "mmcl+ssl": 0.41}[r["pretrain"]] - 0.01 * r["seed"]}
+           for r in cleanclip if r["stage"] == "clean"]
+    rows = cleanclip + par
+    c = finding.compare(rows, method="par")
+    assert c.method == "par" and c.n == 4 and c.differences == pytest.approx([-0.02] * 4)
+    assert c.status == "not established" and "points the other way" in c.reason  # PAR: no objective effect
+    text = finding.finding_text(rows)
+    first, threshold_free, par_tau, par_free = text.split("\n\n")
+    assert first == finding.sentence(finding.compare(cleanclip))  # CleanCLIP's, as without PAR
+    assert first.startswith("The paper's finding (CleanCLIP cleans")
+    assert par_tau.startswith("The paper's finding, asked of PAR (PAR cleans an MMCL-pretrained model")
+    assert "not established" in par_tau and par_free.startswith("Threshold-free, PAR (minimum ASR")
+    assert len(finding.finding_text(cleanclip).split("\n\n")) == 2  # no PAR runs: no PAR sentences

@@ -32,7 +32,10 @@ from clip_backdoor.study import select
 from clip_backdoor.study.stats import PairedTest, paired_t, paired_t_power, seeds_for_power
 
 MIN_SEEDS = 3
-METHOD = "cleanclip"
+METHOD = "cleanclip"  # the paper's claim is about CleanCLIP
+# Methods whose study rows get the same two sentences when the study cleans with them: PAR's
+# question is the paper's, asked of another method (does the objective decide PAR's success too?).
+FINDING_METHODS = ("cleanclip", "par")
 OBJECTIVES = ("mmcl", "mmcl+ssl")  # (expected to clean easily, expected to resist)
 DESTROYED = -1.0  # the relative change a seed enters with when no checkpoint reached ASR ≤ τ
 
@@ -43,6 +46,7 @@ class Comparison:
 
     kind: str  # "tau" | "threshold-free"
     selected_on: str  # "test" (oracle) | "validation"
+    method: str = METHOD
     seeds: list[int] = field(default_factory=list)
     first: list[float] = field(default_factory=list)  # MMCL
     second: list[float] = field(default_factory=list)  # MMCL+SSL
@@ -62,24 +66,25 @@ class Comparison:
         return sum(d > 0 for d in self.differences)
 
 
-def _rows_by_seed(per_seed: Sequence[dict], objective: str, rule: str, selected_on: str) -> dict[int, dict]:
+def _rows_by_seed(per_seed: Sequence[dict], objective: str, rule: str, selected_on: str,
+                  method: str) -> dict[int, dict]:
     return {r["seed"]: r for r in per_seed
-            if r["pretrain"] == objective and r["method"] == METHOD and r["k"] == 0 and r["rule"] == rule
+            if r["pretrain"] == objective and r["method"] == method and r["k"] == 0 and r["rule"] == rule
             and r["selected_on"] == selected_on}
 
 
 def compare(rows: Sequence[dict], *, confidence: float = select.DEFAULT_CONFIDENCE,
-            tau: float = select.HEADLINE_TAU, kind: str = "tau") -> Comparison:
-    """The paired comparison of ``kind`` ("tau" or "threshold-free") over the study's seeds."""
+            tau: float = select.HEADLINE_TAU, kind: str = "tau", method: str = METHOD) -> Comparison:
+    """The paired comparison of ``kind`` ("tau" or "threshold-free") of ``method`` over the study's seeds."""
     rows = select.typed_rows(rows)
     per_seed = select.select_per_seed(rows, taus=(tau,))
     selected_on = "validation" if any(r["selected_on"] == "validation" for r in per_seed) else "test"
     rule = select.tau_rule(tau) if kind == "tau" else select.KEEP_RULE
-    out = Comparison(kind, selected_on)
-    first, second = (_rows_by_seed(per_seed, o, rule, selected_on) for o in OBJECTIVES)
+    out = Comparison(kind, selected_on, method)
+    first, second = (_rows_by_seed(per_seed, o, rule, selected_on, method) for o in OBJECTIVES)
     if not first or not second:
         missing = [select.objective_label(o) for o, got in zip(OBJECTIVES, (first, second)) if not got]
-        out.reason = (f"the study has no {select.method_label(METHOD)} runs (k = 0) on the "
+        out.reason = (f"the study has no {select.method_label(method)} runs (k = 0) on the "
                       f"{' and '.join(missing)} model{'s' if len(missing) > 1 else ''}")
         return out
     for seed in sorted(set(first) & set(second)):
@@ -142,12 +147,14 @@ def sentence(c: Comparison, *, confidence: float = select.DEFAULT_CONFIDENCE,
     a, b = (select.objective_label(o) for o in OBJECTIVES)
     how = ("validation-selected, test-reported" if c.selected_on == "validation"
            else "oracle selection on the test split")
-    method = select.method_label(METHOD)
+    method = select.method_label(c.method)
+    whose = "The paper's finding" if c.method == METHOD else f"The paper's finding, asked of {method}"
     if c.kind == "tau":
-        claim = (f"The paper's finding ({method} cleans an {a}-pretrained model at a smaller relative "
+        claim = (f"{whose} ({method} cleans an {a}-pretrained model at a smaller relative "
                  f"accuracy cost than an {b}-pretrained one, at ASR ≤ {tau * 100:g}%)")
     else:
-        claim = (f"Threshold-free (minimum ASR keeping ≥ {select.KEEP_ACCURACY * 100:g}% of the poisoned "
+        of = "" if c.method == METHOD else f", {method}"
+        claim = (f"Threshold-free{of} (minimum ASR keeping ≥ {select.KEEP_ACCURACY * 100:g}% of the poisoned "
                  f"accuracy lower on {a} than on {b})")
     if c.n == 0:
         why = c.reason or "no seed has both models cleaned yet"
@@ -196,7 +203,11 @@ def _fmt(x: float, kind: str) -> str:
 
 def finding_text(rows: Sequence[dict], *, confidence: float = select.DEFAULT_CONFIDENCE,
                  tau: float = select.HEADLINE_TAU) -> str:
-    """The two sentences (τ rule, threshold-free) as printed under the headline."""
-    comparisons = [compare(rows, confidence=confidence, tau=tau, kind=kind)
-                   for kind in ("tau", "threshold-free")]
+    """The two sentences (τ rule, threshold-free) as printed under the headline: for CleanCLIP, and
+    for each other method of ``FINDING_METHODS`` the study cleans with (k = 0)."""
+    rows = select.typed_rows(rows)
+    present = {r.get("method") for r in select.clean_rows(rows) if not r.get("k")}
+    methods = [METHOD, *(m for m in FINDING_METHODS if m != METHOD and m in present)]
+    comparisons = [compare(rows, confidence=confidence, tau=tau, kind=kind, method=method)
+                   for method in methods for kind in ("tau", "threshold-free")]
     return "\n\n".join(sentence(c, confidence=confidence, tau=tau) for c in comparisons)
