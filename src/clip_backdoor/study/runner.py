@@ -27,6 +27,7 @@ from typing import Any
 from clip_backdoor.config import to_dict
 from clip_backdoor.errors import UserError
 from clip_backdoor.fileio import atomic_write_text, read_jsonl, remove_stale_temps
+from clip_backdoor.study import compare
 from clip_backdoor.study.data_stages import check_inputs, make_cleaning_set, make_poison
 from clip_backdoor.study.expand import MANIFEST, Run, StudyPlan, expand
 from clip_backdoor.study.prune import PRUNED
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replay without the rule that keeps runs more accurate than the incumbent")
     sub.add_parser("status", help="finished / running / failed / pending runs, last metrics, ETA "
                    "(read-only: safe while `study run` runs)").add_argument("dir")
+    compare.add_parser(sub)
     ls = sub.add_parser("list", help="print the study's runs and whether each is finished")
     ls.add_argument("file")
     ls.add_argument("--out", help="study directory (default runs/<name>)")
@@ -420,13 +422,16 @@ def _run_state(run: Run) -> str:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # KEY=VALUE may come after the options too
-    unknown = [word for word in rest if args.action in ("report", "status", "prune-check") or "=" not in word
+    unknown = [word for word in rest if args.action in ("report", "status", "prune-check", "compare")
+               or "=" not in word
                or word.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.action == "report":
         report(plan_for_dir(args.dir))
         return 0
+    if args.action == "compare":
+        return compare.main_compare(args)
     if args.action == "status":
         from clip_backdoor.study.status import main_status
 
