@@ -113,7 +113,34 @@ def test_dose_table_known_answer():
     assert two["n_cleaned"] == 0 and two["best_acc1_mean"] is None
     assert two["min_asr1_mean"] == pytest.approx(0.98)
     md = dose.dose_markdown(table)
-    assert "| 2 | ssl=2 | 30.0 ± 0.0 | 100.0 ± 0.0 | — | — | 0/2 | 98.0 ± 1.4 |" in md
+    # ± is the t interval over seeds: 2 seeds at 97% and 99% give 98.0 ± 12.706 · 1.414 / √2
+    assert "| 2 | ssl=2 | 30.0 ± 0.0 | 100.0 ± 0.0 | — | — | 0/2 | 98.0 ± 12.7 | not established |" in md
+    assert "| 0 | mmcl |" in md and "(reference) | (reference) |" in md  # 2 seeds: too few for a test
+    assert "no λ2 differs from λ2 = 0 established (none of 2 tested)" in md
+
+
+def test_dose_table_counts_each_seed_once_with_a_validation_split_and_tests_against_lambda_zero():
+    """With a validation split every seed has a test- and a validation-selected row; the table takes
+    the validation-selected ones (as the headline) and counts each seed once. Three seeds where λ2 = 2
+    needs a much larger accuracy cut to reach ASR ≤ 5%: the paired test against λ2 = 0 establishes it."""
+    points = {}
+    for seed in range(3):
+        points[("mmcl", seed)] = (0.40, 0.98, [(1e-4, 1, 0.38 - 0.01 * seed, 0.02)])
+        points[("ssl=1", seed)] = (0.40, 0.98, [(1e-4, 1, (0.39, 0.35, 0.38)[seed], 0.03)])
+        points[("ssl=2", seed)] = (0.40, 0.98, [(1e-4, 1, 0.10 + 0.01 * seed, 0.01)])
+    rows = results(points)
+    for r in rows:
+        r["val_acc1"], r["val_asr1"] = r["acc1"], r["asr1"]
+    mmcl, one, two = dose.dose_table(rows, {"mmcl": 0.0, "ssl=1": 1.0, "ssl=2": 2.0})
+    assert (mmcl["n_seeds"], mmcl["n_cleaned"], mmcl["selected_on"]) == (3, 3, "validation")
+    assert mmcl["vs0_cost_status"] is None  # the reference itself
+    # extra cost per seed = rel change at 0 − at 2 = (0.38 − 0.01 s − 0.10 − 0.01 s) / 0.40
+    expected = [(0.28 - 0.02 * s) / 0.40 for s in range(3)]
+    assert two["vs0_cost_diff"] == pytest.approx(sum(expected) / 3) and two["vs0_cost_n"] == 3
+    assert two["vs0_cost_status"] == "established" and two["vs0_cost_p"] < 0.05
+    assert one["vs0_cost_status"] == "not established"  # differences −0.01, +0.02, −0.02 over 0.40: noise
+    md = dose.dose_markdown([mmcl, one, two])
+    assert "validation-selected, test-reported" in md and "from λ2 = 2" in md
 
 
 def test_dose_figure_and_files(tmp_path):

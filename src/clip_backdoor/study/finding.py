@@ -47,6 +47,7 @@ class Comparison:
     kind: str  # "tau" | "threshold-free"
     selected_on: str  # "test" (oracle) | "validation"
     method: str = METHOD
+    objectives: tuple[str, str] = OBJECTIVES  # (expected to clean easily, expected to resist)
     seeds: list[int] = field(default_factory=list)
     first: list[float] = field(default_factory=list)  # MMCL
     second: list[float] = field(default_factory=list)  # MMCL+SSL
@@ -74,22 +75,24 @@ def _rows_by_seed(per_seed: Sequence[dict], objective: str, rule: str, selected_
 
 
 def compare(rows: Sequence[dict], *, confidence: float = select.DEFAULT_CONFIDENCE,
-            tau: float = select.HEADLINE_TAU, kind: str = "tau", method: str = METHOD) -> Comparison:
-    """The paired comparison of ``kind`` ("tau" or "threshold-free") of ``method`` over the study's seeds."""
+            tau: float = select.HEADLINE_TAU, kind: str = "tau", method: str = METHOD,
+            objectives: tuple[str, str] = OBJECTIVES) -> Comparison:
+    """The paired comparison of ``kind`` ("tau" or "threshold-free") of ``method`` over the study's seeds,
+    between two pre-trainings (default MMCL, MMCL+SSL; a dose-response passes λ2 = 0 and another λ2)."""
     rows = select.typed_rows(rows)
     per_seed = select.select_per_seed(rows, taus=(tau,))
     selected_on = "validation" if any(r["selected_on"] == "validation" for r in per_seed) else "test"
     rule = select.tau_rule(tau) if kind == "tau" else select.KEEP_RULE
-    out = Comparison(kind, selected_on, method)
-    first, second = (_rows_by_seed(per_seed, o, rule, selected_on, method) for o in OBJECTIVES)
+    out = Comparison(kind, selected_on, method, objectives)
+    first, second = (_rows_by_seed(per_seed, o, rule, selected_on, method) for o in objectives)
     if not first or not second:
-        missing = [select.objective_label(o) for o, got in zip(OBJECTIVES, (first, second)) if not got]
+        missing = [select.objective_label(o) for o, got in zip(objectives, (first, second)) if not got]
         out.reason = (f"the study has no {select.method_label(method)} runs (k = 0) on the "
                       f"{' and '.join(missing)} model{'s' if len(missing) > 1 else ''}")
         return out
     for seed in sorted(set(first) & set(second)):
         values = []
-        for objective, r in zip(OBJECTIVES, (first[seed], second[seed])):
+        for objective, r in zip(objectives, (first[seed], second[seed])):
             value = _value(r, kind)
             if value is None:
                 break
@@ -144,7 +147,7 @@ def _pct(x: float, signed: bool = False) -> str:
 def sentence(c: Comparison, *, confidence: float = select.DEFAULT_CONFIDENCE,
              tau: float = select.HEADLINE_TAU) -> str:
     level = f"{(1 - confidence) * 100:g}%"
-    a, b = (select.objective_label(o) for o in OBJECTIVES)
+    a, b = (select.objective_label(o) for o in c.objectives)
     how = ("validation-selected, test-reported" if c.selected_on == "validation"
            else "oracle selection on the test split")
     method = select.method_label(c.method)
@@ -161,8 +164,8 @@ def sentence(c: Comparison, *, confidence: float = select.DEFAULT_CONFIDENCE,
         return f"{claim}: cannot be tested — {why}."
     star = "*"
     per_seed = "; ".join(
-        f"seed {seed}: {_fmt(x, c.kind)}{star if (seed, OBJECTIVES[0]) in c.imputed else ''} vs "
-        f"{_fmt(y, c.kind)}{star if (seed, OBJECTIVES[1]) in c.imputed else ''}"
+        f"seed {seed}: {_fmt(x, c.kind)}{star if (seed, c.objectives[0]) in c.imputed else ''} vs "
+        f"{_fmt(y, c.kind)}{star if (seed, c.objectives[1]) in c.imputed else ''}"
         for seed, x, y in zip(c.seeds, c.first, c.second))
     what = "accuracy change" if c.kind == "tau" else "minimum ASR"
     direction = f"{a} lost less accuracy" if c.kind == "tau" else f"{a} reached the lower ASR"

@@ -386,7 +386,8 @@ def write_report(study_dir: str | Path, *, tau: float = HEADLINE_TAU,
                       "# Final metrics per run\n\n" + headline.markdown_table(runs_display(runs)))
     from clip_backdoor.study.dose import write_dose_response
 
-    write_dose_response(study_dir, rows, out, tau=tau)  # only for a study over several SSL weights λ2
+    # only for a study over several SSL weights λ2
+    write_dose_response(study_dir, rows, out, tau=tau, confidence=confidence)
 
     skipped: dict[str, str | None] = {}
     with matplotlib.rc_context(STYLE):
