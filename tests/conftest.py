@@ -1,5 +1,7 @@
 """Fixtures several test files share, each built once per session."""
 
+import signal
+
 import pytest
 
 from clip_backdoor.cli import main as cli
@@ -34,3 +36,13 @@ def poisoned_run(tmp_path_factory):
                 str(root / "cl"), "--epochs", "1", *SMALL, "batch_size=32",
                 f"data.poison_manifest={root / 'clean' / 'manifest.csv'}"]) == 0
     return root / "poisoned", root / "pre", root / "cl"
+
+
+@pytest.fixture(autouse=True)
+def _sigint_as_a_shell_gives_it():
+    """Every test starts with Python's default Ctrl-C handler and leaves it so: a library under test
+    left SIGINT ignored once, and the processes later tests start inherit an ignored signal (the
+    Ctrl-C test's child then trained to the end)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
