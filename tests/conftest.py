@@ -1,7 +1,5 @@
 """Fixtures several test files share, each built once per session."""
 
-import signal
-
 import pytest
 
 from clip_backdoor.cli import main as cli
@@ -37,12 +35,3 @@ def poisoned_run(tmp_path_factory):
                 f"data.poison_manifest={root / 'clean' / 'manifest.csv'}"]) == 0
     return root / "poisoned", root / "pre", root / "cl"
 
-
-@pytest.fixture(autouse=True)
-def _sigint_as_a_shell_gives_it():
-    """Every test starts with Python's default Ctrl-C handler and leaves it so: a library under test
-    left SIGINT ignored once, and the processes later tests start inherit an ignored signal (the
-    Ctrl-C test's child then trained to the end)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, signal.default_int_handler)

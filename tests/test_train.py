@@ -145,8 +145,11 @@ def assert_same_run(a_dir, b_dir):
 # A child process running a tiny pretrain through the CLI. With --slow-save every checkpoint is
 # written in 20 pieces over ~1 s, so the parent can kill it while it is inside torch.save.
 CHILD = """
-import io, sys, time
+import io, signal, sys, time
 import torch
+# Ctrl-C as a shell gives it: an ignored SIGINT is inherited, and a library earlier in the suite
+# leaves the test process with SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if sys.argv[1] == "--slow-save":
     real_save = torch.save
     def slow_save(obj, path):
