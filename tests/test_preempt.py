@@ -217,33 +217,6 @@ def test_guard_restores_handlers_and_ignores_other_threads():
     assert result["g"]._previous == {}
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one
-def test_a_ctrl_c_swallowed_by_a_finaliser_is_raised_again_at_the_next_batch():
-    """Python raises KeyboardInterrupt wherever the main thread is; inside a __del__ it is printed
-    ("Exception ignored") and lost, and the run would go on. The guard raises it again."""
-    import gc
-
-    from clip_backdoor.train.distributed import DistEnv
-
-    class Finalised:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives while a finaliser runs
-
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # the suite may have it ignored
-    with Guard() as guard:
-        assert signal.getsignal(signal.SIGINT) == guard._interrupt
-        batches = guard.batches(iter([1, 2, 3]), DistEnv())
-        assert next(batches) == 1
-        obj = Finalised()
-        del obj  # the interrupt is raised inside __del__ and swallowed there
-        gc.collect()
-        assert guard.interrupted
-        with pytest.raises(KeyboardInterrupt):
-            next(batches)
-    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # the guard put it back
-    signal.signal(signal.SIGINT, before)
-
-
 def test_webdataset_stream_resumed_mid_epoch_yields_the_rest_of_the_epoch(tmp_path):
     """Streams are read again up to the resume point (their position is only known by reading), so
     the rest of the epoch, skip counts included, is the uninterrupted one, for each worker count."""

@@ -8,10 +8,8 @@ position within the epoch and the epoch's running loss sums) and raises :class:`
 ``pretrain`` / ``clean`` commands then exit with :data:`REQUEUE_EXIT_CODE`, which the generated
 sbatch scripts turn into ``scontrol requeue``; a restarted run continues from that step.
 
-SIGINT (Ctrl-C) stays a KeyboardInterrupt, whose resumable state is the last epoch checkpoint. The
-guard only remembers it: Python raises it wherever the main thread is, and one raised inside a
-finaliser (``__del__``, a weakref callback) is printed as "Exception ignored" and lost, so a Ctrl-C
-would not stop the run. The next batch raises it again.
+SIGINT (Ctrl-C) is not handled here: it stays a KeyboardInterrupt, whose resumable state is the
+last epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -57,7 +55,6 @@ class Guard:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.interrupted = False
         self._previous: dict[int, object] = {}
         self._torch_child = None
 
@@ -67,8 +64,6 @@ class Guard:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._previous[sig] = signal.signal(sig, self._handle)
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not a caller's own
-                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -83,10 +78,6 @@ class Guard:
         if first:
             log.warning("received %s: finishing this step, then writing a resumable checkpoint",
                         signal_name(signum))
-
-    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
-        self.interrupted = True
-        raise KeyboardInterrupt
 
     def _watch_children(self) -> None:
         """Put ``_on_child`` in front of torch's SIGCHLD handler, which a loader installs (once per
@@ -136,8 +127,6 @@ class Guard:
                 log.warning("the dataloader workers were stopped too; saving at this step")
                 return
             self._watch_children()
-            if self.interrupted:  # a Ctrl-C a finaliser swallowed
-                raise KeyboardInterrupt
             yield batch
 
     def stop(self, env: D.DistEnv, device: torch.device) -> bool:
