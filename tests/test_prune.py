@@ -17,7 +17,7 @@ from clip_backdoor.study.prune import (
     parse_prune,
     simulate,
 )
-from clip_backdoor.study.select import select_per_seed
+from clip_backdoor.study.select import KEEP_RULE, select_per_seed
 from clip_backdoor.study.spec import parse_spec
 
 
@@ -100,6 +100,47 @@ def test_ties_go_to_the_smaller_learning_rate():
 # A group over its rungs
 # --------------------------------------------------------------------------------------------
 SETTINGS = PruneSettings(eta=2, rungs=(1, 2), thresholds=(0.05,))
+
+
+def with_val(test_rows, *val_points, poisoned=0.9):
+    """Rows carrying a validation split too: (val_acc1, val_asr1) per epoch 1, 2, ...; epoch 0's
+    val_acc1 is ``poisoned``."""
+    out = [dict(test_rows[0], val_acc1=poisoned, val_asr1=0.99)]
+    return out + [dict(r, val_acc1=a, val_asr1=b)
+                  for r, (a, b) in zip(test_rows[1:], val_points, strict=True)]
+
+
+def test_with_a_validation_split_pruning_ranks_on_it_not_on_the_test_split():
+    # the test split would keep "t" (feasible, 60) and prune "v"; the validation split says the opposite
+    group = {"t": with_val(rows((0.60, 0.01)), (0.40, 0.30)),
+             "v": with_val(rows((0.50, 0.40)), (0.55, 0.02))}
+    d = decide(group, epoch=1, eta=2, taus=[0.05], protect=False)
+    assert d.keep == ["v"] and d.pruned == ["t"] and d.split == "val_"
+    assert d.incumbents[0.05] == {"run": "v", "acc1": 0.55, "epoch": 1}
+    test_only = {name: [{k: v for k, v in r.items() if not k.startswith("val_")} for r in run]
+                 for name, run in group.items()}
+    assert decide(test_only, epoch=1, eta=2, taus=[0.05], protect=False).keep == ["t"]
+
+
+def test_the_replay_selects_on_the_validation_split_and_reports_the_test_one():
+    from clip_backdoor.study.prune import replay_groups
+
+    # full grid: "a" is best on validation (val 0.55 at ASR 0.02) from epoch 2; pruning at rung 1 keeps
+    # "b" (feasible on validation at epoch 1), so it loses a's epoch 2: a differing selection
+    # "b" (val 0.35) misses 90% of the poisoned validation accuracy 0.4, so the threshold-free cell is
+    # a's: its epoch 2 (test ASR 0.01) on the full grid, its epoch 1 (0.50) after pruning
+    group = {"a": with_val(rows((0.50, 0.50), (0.45, 0.01)), (0.40, 0.50), (0.55, 0.02), poisoned=0.4),
+             "b": with_val(rows((0.30, 0.01), (0.30, 0.01)), (0.35, 0.03), (0.35, 0.03), poisoned=0.4)}
+    settings = PruneSettings(eta=2, rungs=(1,), thresholds=(0.05,), protect=False)
+    out = replay_groups({("g",): group}, {"a": 1e-3, "b": 1e-4}, settings, epochs=2)
+    tau = out["groups"][0]["taus"][0.05]
+    assert out["split"] == "validation"
+    assert (tau["full"].lr, tau["full"].epoch, tau["full"].acc1) == (1e-3, 2, 0.45)  # test-reported
+    assert (tau["pruned"].lr, tau["pruned"].acc1) == (1e-4, 0.30) and not tau["same"]
+    keep = out["groups"][0]["keep"]
+    assert (keep["full"].epoch, keep["full"].asr1) == (2, 0.01)
+    assert (keep["pruned"].epoch, keep["pruned"].asr1) == (1, 0.50)
+    assert not keep["same"] and out["agree"][KEEP_RULE] == 0
 
 
 def test_group_states_train_wait_prune_and_finish():

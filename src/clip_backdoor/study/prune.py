@@ -23,6 +23,10 @@ Every decision is a pure function of the runs' ``metrics.jsonl`` rows up to the 
 restarted study makes the same decisions, whatever ran when. A pruned run gets ``pruned.json``
 (rung, epoch, incumbent, survivors) and keeps its ``latest.pt``: ``study run --no-prune`` finishes it.
 
+With a validation split (``val_acc1``, ``val_asr1`` in the rows) every score is on the validation
+split: the held-out selection chooses there and reports the test split, and pruning on the test
+split would let the test numbers decide which checkpoints the held-out selection may choose from.
+
 Caveat: ASR can rebound, and a pruned learning rate might have got below τ later. The report marks
 a group whose selection found nothing as "not explored" when some of its runs were pruned, never
 as "none".
@@ -116,8 +120,15 @@ def _finite(x) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def score(run: str, rows: Sequence[dict], epoch: int, tau: float) -> Score:
-    points = [(int(r["epoch"]), _finite(r.get("acc1")), _finite(r.get("asr1"))) for r in rows
+def split_of(rows: Mapping[str, Sequence[dict]]) -> str:
+    """The metrics' prefix pruning ranks on: ``"val_"`` when the group's rows carry a validation split
+    (the held-out selection chooses on it, so pruning must not look at the test split it reports on),
+    else ``""`` (the test split, which the oracle selection chooses on anyway)."""
+    return "val_" if any(_finite(r.get("val_acc1")) is not None for m in rows.values() for r in m) else ""
+
+
+def score(run: str, rows: Sequence[dict], epoch: int, tau: float, split: str = "") -> Score:
+    points = [(int(r["epoch"]), _finite(r.get(f"{split}acc1")), _finite(r.get(f"{split}asr1"))) for r in rows
               if 1 <= int(r["epoch"]) <= epoch]
     points = [p for p in points if p[1] is not None]
     if not points:
@@ -137,6 +148,7 @@ class Decision:
     pruned: list[str]
     incumbents: dict[float, dict | None] = field(default_factory=dict)  # τ -> best feasible run
     scores: dict[float, list[Score]] = field(default_factory=dict)  # τ -> ranking
+    split: str = ""  # the metrics ranked on: "val_" (validation split) or "" (test)
 
 
 def decide(rows: Mapping[str, Sequence[dict]], epoch: int, eta: int, taus: Sequence[float],
@@ -147,11 +159,12 @@ def decide(rows: Mapping[str, Sequence[dict]], epoch: int, eta: int, taus: Seque
     rule that keeps runs more accurate than the incumbent."""
     names = sorted(rows)
     tiebreak = tiebreak or {}
+    split = split_of(rows)
     n_keep = math.ceil(len(names) / eta)
     keep: set[str] = set()
     decision = Decision([], [])
     for tau in taus:
-        ranking = sorted((score(name, rows[name], epoch, tau) for name in names),
+        ranking = sorted((score(name, rows[name], epoch, tau, split) for name in names),
                          key=lambda s: s.key(tiebreak.get(s.run)))
         feasible = [s for s in ranking if s.feasible]
         incumbent = feasible[0] if feasible else None
@@ -163,6 +176,7 @@ def decide(rows: Mapping[str, Sequence[dict]], epoch: int, eta: int, taus: Seque
         decision.scores[tau] = ranking
         decision.incumbents[tau] = None if incumbent is None else {
             "run": incumbent.run, "acc1": incumbent.best_acc, "epoch": incumbent.epoch}
+    decision.split = split
     decision.keep = [n for n in names if n in keep]
     decision.pruned = [n for n in names if n not in keep]
     return decision
@@ -175,7 +189,8 @@ def pruned_record(decision: Decision, run: str, rung: int, epoch: int, eta: int)
         s = next(s for s in ranking if s.run == run)
         standing[f"{tau:g}"] = {"rank": ranking.index(s) + 1, "of": len(ranking), "feasible": s.feasible,
                                 "best_acc1": s.best_acc, "min_asr1": s.min_asr, "acc1": s.acc_now}
-    return {"rung": rung, "epoch": epoch, "eta": eta, "survivors": decision.keep, "standing": standing,
+    return {"rung": rung, "epoch": epoch, "eta": eta, "split": "validation" if decision.split else "test",
+            "survivors": decision.keep, "standing": standing,
             "incumbent": {f"{tau:g}": inc for tau, inc in decision.incumbents.items()}}
 
 
@@ -248,30 +263,43 @@ def compute_share(trained: Mapping[str, int], epochs: int) -> float:
 # ----------------------------------------------------------------------------------------------
 def replay_groups(groups: Mapping[tuple, Mapping[str, Sequence[dict]]], lrs: Mapping[str, float],
                   settings: PruneSettings, epochs: int, agree_within: float = 0.01) -> dict:
-    """For each group of full-grid rows: the epochs pruning would have trained, and whether the
-    best accuracy at ASR ≤ τ it would have selected is the full grid's (both "none", or both found
-    with accuracies within ``agree_within``). Returns per-group records and the totals."""
-    from clip_backdoor.study.select import Point, best_at_asr
+    """For each group of full-grid rows: the epochs pruning would have trained, whether the best
+    accuracy at ASR ≤ τ it would have selected is the full grid's (both "none", or both found with
+    accuracies within ``agree_within``), and whether the threshold-free cell (the lowest ASR keeping
+    90% of the poisoned accuracy, from the epoch-0 row) is (ASRs within ``agree_within``). Returns
+    per-group records and the totals."""
+    from clip_backdoor.study.select import KEEP_RULE, Point, apply_rule, apply_rule_on_validation, tau_rule
 
     def points(rows: Mapping[str, Sequence[dict]], reach: Mapping[str, int]) -> list[Point]:
-        return [Point(lrs.get(run), int(r["epoch"]), float(r["acc1"]), _finite(r.get("asr1")))
+        return [Point(lrs.get(run), int(r["epoch"]), float(r["acc1"]), _finite(r.get("asr1")),
+                      _finite(r.get("val_acc1")), _finite(r.get("val_asr1")))
                 for run, run_rows in rows.items() for r in run_rows
                 if 1 <= int(r["epoch"]) <= reach[run] and _finite(r.get("acc1")) is not None]
 
     records, trained_all = [], {}
     for key, rows in groups.items():
         trained = simulate(rows, settings, epochs, tiebreak=lrs)
+        # the report's selection: on the validation split when there is one (then test-reported)
+        select = apply_rule_on_validation if split_of(rows) else apply_rule
         trained_all.update(trained)
         full_reach = {run: epochs for run in rows}
         record = {"group": key, "share": compute_share(trained, epochs), "taus": {}}
         for tau in settings.thresholds:
-            full, _ = best_at_asr(points(rows, full_reach), tau)
-            pruned, _ = best_at_asr(points(rows, trained), tau)
+            full, _ = select(tau_rule(tau), points(rows, full_reach))
+            pruned, _ = select(tau_rule(tau), points(rows, trained))
             both = full is not None and pruned is not None
             same = (full is None and pruned is None) or (
                 both and abs(full.acc1 - pruned.acc1) <= agree_within + 1e-12)
             record["taus"][tau] = {"full": full, "pruned": pruned, "same": same}
+        start = next((r for run_rows in rows.values() for r in run_rows if int(r["epoch"]) == 0), {})
+        poisoned = _finite(start.get("val_acc1" if split_of(rows) else "acc1"))
+        full, _ = select(KEEP_RULE, points(rows, full_reach), poisoned)
+        pruned, _ = select(KEEP_RULE, points(rows, trained), poisoned)
+        record["keep"] = {"full": full, "pruned": pruned, "same": (full is None and pruned is None) or (
+            full is not None and pruned is not None and abs(full.asr1 - pruned.asr1) <= agree_within + 1e-12)}
         records.append(record)
     agree = {tau: sum(r["taus"][tau]["same"] for r in records) for tau in settings.thresholds}
+    agree[KEEP_RULE] = sum(r["keep"]["same"] for r in records)
+    validation = any(split_of(rows) for rows in groups.values())
     return {"groups": records, "share": compute_share(trained_all, epochs), "agree": agree,
-            "n_groups": len(records)}
+            "n_groups": len(records), "split": "validation" if validation else "test"}

@@ -326,7 +326,7 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bo
     run's epochs are the full run's) and compare its selections with the full grid's."""
     from clip_backdoor.study.prune import parse_prune, replay_groups
     from clip_backdoor.study.schedule import group_of
-    from clip_backdoor.study.select import format_lr, method_label, objective_label
+    from clip_backdoor.study.select import KEEP_ACCURACY, KEEP_RULE, format_lr, method_label, objective_label
 
     c = plan.spec.cleaning
     given = dict(c.prune or {"eta": 3, "rungs": [1, 3]})
@@ -366,7 +366,8 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bo
     lines = [f"successive halving eta={settings.eta} rungs={list(settings.rungs)} protect={settings.protect} "
              f"thresholds="
              f"{[f'{t:g}' for t in taus]} replayed on {n_runs} finished cleaning runs of {plan.root} "
-             f"({c.epochs} epochs each)", "",
+             f"({c.epochs} epochs each); ranked and selected on the {result['split']} split"
+             + (", reported on the test split" if result["split"] == "validation" else ""), "",
              "| group | compute | " + " | ".join(f"ASR ≤ {t * 100:g}%: full → pruned" for t in taus) + " |",
              "|---|---|" + "---|" * len(taus)]
 
@@ -385,6 +386,10 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bo
     lines += ["", f"compute: {result['share'] * 100:.1f}% of the full grid's cleaning epochs"]
     lines += [f"same selection (accuracy within 1 point, or both none) at ASR ≤ {t * 100:g}%: "
               f"{result['agree'][t]} of {n} groups ({result['agree'][t] / n * 100:.0f}%)" for t in taus]
+    same_keep = result["agree"][KEEP_RULE]
+    lines.append(f"same threshold-free cell (lowest ASR keeping ≥ {KEEP_ACCURACY * 100:g}% of the poisoned "
+                 f"accuracy, within 1 point, or both none): {same_keep} of {n} groups "
+                 f"({same_keep / n * 100:.0f}%)")
     if incomplete:
         lines.append(f"left out: {len(incomplete)} group(s) with unfinished or pruned runs")
     return "\n".join(lines)
