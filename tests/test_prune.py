@@ -39,7 +39,7 @@ def test_feasible_runs_rank_by_best_accuracy_ahead_of_infeasible_ones():
         "e": rows((0.45, 0.50)),
         "f": rows((0.30, 0.02)),  # feasible, acc 30
     }
-    d = decide(group, epoch=1, eta=3, taus=[0.05])
+    d = decide(group, epoch=1, eta=3, taus=[0.05], keep_free=False)
     assert [s.run for s in d.scores[0.05]] == ["b", "a", "f", "c", "e", "d"]
     assert d.keep == ["a", "b"] and d.pruned == ["c", "d", "e", "f"]  # ceil(6 / 3) = 2
     assert d.incumbents[0.05] == {"run": "b", "acc1": 0.60, "epoch": 1}
@@ -52,12 +52,13 @@ def test_a_run_more_accurate_than_the_incumbent_is_never_pruned():
         "accurate": rows((0.70, 0.95)),  # ASR highest, but accuracy above the incumbent's 40: kept
         "worse": rows((0.30, 0.90)),
     }
-    d = decide(group, epoch=1, eta=2, taus=[0.05])
+    d = decide(group, epoch=1, eta=2, taus=[0.05], keep_free=False)
     assert d.keep == ["accurate", "close", "feasible"] and d.pruned == ["worse"]
-    assert decide(group, epoch=1, eta=2, taus=[0.05], protect=False).keep == ["close", "feasible"]
+    unprotected = decide(group, epoch=1, eta=2, taus=[0.05], protect=False, keep_free=False)
+    assert unprotected.keep == ["close", "feasible"]
     # without a feasible run there is no incumbent and no protection: ASR alone decides
     del group["feasible"]
-    d = decide(group, epoch=1, eta=2, taus=[0.05])
+    d = decide(group, epoch=1, eta=2, taus=[0.05], keep_free=False)
     assert d.keep == ["close", "worse"] and d.pruned == ["accurate"]
     assert d.incumbents[0.05] is None
 
@@ -69,7 +70,7 @@ def test_best_feasible_epoch_and_only_epochs_up_to_the_rung_count():
         "early": rows((0.60, 0.05), (0.20, 0.01)),  # best feasible: epoch 1, acc 60
         "never": rows((0.95, 0.99), (0.95, 0.99)),
     }
-    d = decide(group, epoch=2, eta=3, taus=[0.05])
+    d = decide(group, epoch=2, eta=3, taus=[0.05], keep_free=False)
     ranking = d.scores[0.05]
     assert [s.run for s in ranking] == ["early", "late", "never"]
     assert (ranking[0].best_acc, ranking[0].epoch) == (0.60, 1)
@@ -84,22 +85,41 @@ def test_several_thresholds_keep_the_union_of_survivors():
         "loose": rows((0.60, 0.04), (0.25, 0.03)),  # best at ASR <= 5%; now below 30: not protected
         "other": rows((0.20, 0.30), (0.20, 0.30)),
     }
-    assert decide(group, 2, eta=3, taus=[0.01]).keep == ["strict"]
-    assert decide(group, 2, eta=3, taus=[0.05]).keep == ["loose"]
-    assert decide(group, 2, eta=3, taus=[0.01, 0.05]).keep == ["loose", "strict"]
+    assert decide(group, 2, eta=3, taus=[0.01], keep_free=False).keep == ["strict"]
+    assert decide(group, 2, eta=3, taus=[0.05], keep_free=False).keep == ["loose"]
+    assert decide(group, 2, eta=3, taus=[0.01, 0.05], keep_free=False).keep == ["loose", "strict"]
 
 
 def test_ties_go_to_the_smaller_learning_rate():
     group = {"lr=1e-3": rows((0.5, 0.0)), "lr=1e-4": rows((0.5, 0.0)), "lr=3e-3": rows((0.5, 0.0))}
-    assert decide(group, 1, eta=3, taus=[0.05]).keep == ["lr=1e-3"]  # by name without a tiebreak
+    # by name without a tiebreak
+    assert decide(group, 1, eta=3, taus=[0.05], keep_free=False).keep == ["lr=1e-3"]
     lrs = {"lr=1e-3": 1e-3, "lr=1e-4": 1e-4, "lr=3e-3": 3e-3}
-    assert decide(group, 1, eta=3, taus=[0.05], tiebreak=lrs).keep == ["lr=1e-4"]
+    assert decide(group, 1, eta=3, taus=[0.05], tiebreak=lrs, keep_free=False).keep == ["lr=1e-4"]
 
 
 # --------------------------------------------------------------------------------------------
 # A group over its rungs
 # --------------------------------------------------------------------------------------------
-SETTINGS = PruneSettings(eta=2, rungs=(1, 2), thresholds=(0.05,))
+SETTINGS = PruneSettings(eta=2, rungs=(1, 2), thresholds=(0.05,), keep=False)
+
+
+def test_the_threshold_free_cell_keeps_its_best_run_too():
+    # poisoned accuracy 0.9 (epoch 0): keeping 90% means acc >= 0.81
+    group = {
+        "cleans": rows((0.50, 0.01)),  # feasible at 5%: the τ rule's survivor
+        "keeps": rows((0.85, 0.40)),  # lowest ASR among epochs keeping 90%: the threshold-free survivor
+        "high": rows((0.88, 0.95)),  # keeps accuracy, ASR higher
+        "lost": rows((0.20, 0.30)),  # ASR lower than "keeps", but accuracy lost: not a threshold-free point
+    }
+    d = decide(group, epoch=1, eta=4, taus=[0.05], protect=False)
+    assert d.keep == ["cleans", "keeps"] and d.free == ["keeps", "high", "cleans", "lost"]
+    assert decide(group, epoch=1, eta=4, taus=[0.05], protect=False, keep_free=False).keep == ["cleans"]
+    # the settings' default keeps it; pruned.json says where each pruned run stood
+    states = group_states(group, PruneSettings(eta=4, rungs=(1,), thresholds=(0.05,), protect=False))
+    assert {m: s.action for m, s in states.items()} == {
+        "cleans": "train", "keeps": "train", "high": "pruned", "lost": "pruned"}
+    assert states["lost"].record["standing"]["threshold-free"] == {"rank": 4, "of": 4}
 
 
 def with_val(test_rows, *val_points, poisoned=0.9):
@@ -114,12 +134,12 @@ def test_with_a_validation_split_pruning_ranks_on_it_not_on_the_test_split():
     # the test split would keep "t" (feasible, 60) and prune "v"; the validation split says the opposite
     group = {"t": with_val(rows((0.60, 0.01)), (0.40, 0.30)),
              "v": with_val(rows((0.50, 0.40)), (0.55, 0.02))}
-    d = decide(group, epoch=1, eta=2, taus=[0.05], protect=False)
+    d = decide(group, epoch=1, eta=2, taus=[0.05], protect=False, keep_free=False)
     assert d.keep == ["v"] and d.pruned == ["t"] and d.split == "val_"
     assert d.incumbents[0.05] == {"run": "v", "acc1": 0.55, "epoch": 1}
     test_only = {name: [{k: v for k, v in r.items() if not k.startswith("val_")} for r in run]
                  for name, run in group.items()}
-    assert decide(test_only, epoch=1, eta=2, taus=[0.05], protect=False).keep == ["t"]
+    assert decide(test_only, epoch=1, eta=2, taus=[0.05], protect=False, keep_free=False).keep == ["t"]
 
 
 def test_the_replay_selects_on_the_validation_split_and_reports_the_test_one():
@@ -131,7 +151,7 @@ def test_the_replay_selects_on_the_validation_split_and_reports_the_test_one():
     # a's: its epoch 2 (test ASR 0.01) on the full grid, its epoch 1 (0.50) after pruning
     group = {"a": with_val(rows((0.50, 0.50), (0.45, 0.01)), (0.40, 0.50), (0.55, 0.02), poisoned=0.4),
              "b": with_val(rows((0.30, 0.01), (0.30, 0.01)), (0.35, 0.03), (0.35, 0.03), poisoned=0.4)}
-    settings = PruneSettings(eta=2, rungs=(1,), thresholds=(0.05,), protect=False)
+    settings = PruneSettings(eta=2, rungs=(1,), thresholds=(0.05,), protect=False, keep=False)
     out = replay_groups({("g",): group}, {"a": 1e-3, "b": 1e-4}, settings, epochs=2)
     tau = out["groups"][0]["taus"][0.05]
     assert out["split"] == "validation"
@@ -171,7 +191,7 @@ def test_group_states_train_wait_prune_and_finish():
 
 def test_a_lone_survivor_trains_to_the_end_without_pausing():
     group = {"a": rows((0.5, 0.0)), "b": rows((0.1, 0.9)), "c": rows((0.2, 0.8))}
-    states = group_states(group, PruneSettings(eta=3, rungs=(1, 2, 3), thresholds=(0.05,)))
+    states = group_states(group, PruneSettings(eta=3, rungs=(1, 2, 3), thresholds=(0.05,), keep=False))
     assert (states["a"].action, states["a"].stop) == ("train", None)
     assert group_states({"x": rows()}, SETTINGS)["x"].stop is None  # a one-lr group never pauses
 
@@ -188,7 +208,7 @@ def test_simulate_replays_the_rungs_on_full_trajectories():
     trained = simulate(full, SETTINGS, epochs=4)
     assert trained == {"a": 4, "b": 4, "c": 4, "d": 1}
     assert compute_share(trained, 4) == pytest.approx(13 / 16)
-    strict = PruneSettings(eta=4, rungs=(1,), thresholds=(0.05,))
+    strict = PruneSettings(eta=4, rungs=(1,), thresholds=(0.05,), keep=False)
     assert simulate(full, strict, epochs=4) == {"a": 4, "b": 1, "c": 4, "d": 1}
 
 
@@ -204,6 +224,7 @@ def test_simulate_replays_the_rungs_on_full_trajectories():
     ({"eta": 3, "rungs": [0]}, "cleaning.prune.rungs[0]: 0 is not an epoch"),
     ({"rungs": [1], "every": 2}, "cleaning.prune.every: unknown key"),
     ({"rungs": [1], "thresholds": [5]}, "cleaning.prune.thresholds[0]: 5 must be an ASR fraction"),
+    ({"rungs": [1], "keep": "yes"}, "cleaning.prune.keep: expected true or false"),
 ])
 def test_bad_prune_settings_name_the_key(prune, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -211,7 +232,8 @@ def test_bad_prune_settings_name_the_key(prune, message):
 
 
 def test_prune_defaults_and_validation_in_the_study_file():
-    assert parse_prune({"rungs": [1, 3]}, 5, [0.01, 0.05]) == PruneSettings(3, (1, 3), (0.01, 0.05), True)
+    assert parse_prune({"rungs": [1, 3]}, 5, [0.01, 0.05]) == PruneSettings(3, (1, 3), (0.01, 0.05), True,
+                                                                             True)
     assert not parse_prune({"rungs": [1], "protect": False}, 5, [0.05]).protect
     with pytest.raises(UserError, match="cleaning.prune.protect: expected true or false"):
         parse_prune({"rungs": [1], "protect": "no"}, 5, [0.05])
@@ -290,7 +312,7 @@ def test_pruned_study_matches_the_replay_of_its_full_grid(tmp_path, caplog):
     assert f"compute: {100 * sum(stopped.values()) / (3 * len(runs)):.1f}% of the full grid" in out
     assert "at ASR ≤ 5%: 1 of 1 groups (100%)" in out
     only5 = runner.prune_check(runner.plan_for_dir(root), 3, "1", protect=False, thresholds="0.05")
-    assert "eta=3 rungs=[1] protect=False thresholds=['0.05']" in only5 and "ASR ≤ 1%" not in only5
+    assert "eta=3 rungs=[1] protect=False keep=True thresholds=['0.05']" in only5 and "ASR ≤ 1%" not in only5
 
 
 def test_dry_run_submits_cleaning_runs_to_the_first_rung(tmp_path, capsys):

@@ -50,19 +50,20 @@ class PruneSettings:
     rungs: tuple[int, ...]
     thresholds: tuple[float, ...]
     protect: bool = True  # never prune a run not yet at τ whose accuracy is above the incumbent's
+    keep: bool = True  # also keep the best runs by the report's threshold-free cell (see ``keep_score``)
 
 
 def parse_prune(data, epochs: int, thresholds: Sequence[float],
                 where: str = "cleaning.prune") -> PruneSettings | None:
-    """``{eta: 3, rungs: [1, 3], thresholds: [0.05], protect: true}`` (thresholds default to the
-    study's)."""
+    """``{eta: 3, rungs: [1, 3], thresholds: [0.05], protect: true, keep: true}`` (thresholds default
+    to the study's)."""
     if data is None:
         return None
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping such as {{eta: 3, rungs: [1, 3]}}, got {data!r}")
     for key in data:
-        if key not in ("eta", "rungs", "thresholds", "protect"):
-            raise UserError(f"{where}.{key}: unknown key (valid: eta, rungs, thresholds, protect)")
+        if key not in ("eta", "rungs", "thresholds", "protect", "keep"):
+            raise UserError(f"{where}.{key}: unknown key (valid: eta, rungs, thresholds, protect, keep)")
     eta = data.get("eta", 3)
     if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
         raise UserError(f"{where}.eta: {eta!r} must be an integer >= 2 (keep the best 1/eta at each rung)")
@@ -89,7 +90,10 @@ def parse_prune(data, epochs: int, thresholds: Sequence[float],
     protect = data.get("protect", True)
     if not isinstance(protect, bool):
         raise UserError(f"{where}.protect: expected true or false, got {protect!r}")
-    return PruneSettings(eta, tuple(rungs), tuple(float(t) for t in taus), protect)
+    keep = data.get("keep", True)
+    if not isinstance(keep, bool):
+        raise UserError(f"{where}.keep: expected true or false, got {keep!r}")
+    return PruneSettings(eta, tuple(rungs), tuple(float(t) for t in taus), protect, keep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,6 +146,27 @@ def score(run: str, rows: Sequence[dict], epoch: int, tau: float, split: str = "
     return Score(run, False, None, min(asrs) if asrs else None, last[1], last[0])
 
 
+def keep_score(rows: Sequence[dict], epoch: int, poisoned: float | None, split: str = "") -> tuple:
+    """A run's standing by the report's threshold-free cell at a rung: its lowest ASR among epochs
+    1..rung that keep ``KEEP_ACCURACY`` of the poisoned model's accuracy (lower first), then its
+    accuracy now (higher first); a run with no such epoch ranks after every run with one."""
+    from clip_backdoor.study.select import KEEP_ACCURACY
+
+    points = [(int(r["epoch"]), _finite(r.get(f"{split}acc1")), _finite(r.get(f"{split}asr1"))) for r in rows
+              if 1 <= int(r["epoch"]) <= epoch]
+    points = [p for p in points if p[1] is not None]
+    now = max(points, key=lambda p: p[0])[1] if points else None
+    kept = [p[2] for p in points if p[2] is not None and poisoned is not None
+            and p[1] >= KEEP_ACCURACY * poisoned - _TAU_SLACK]
+    return (min(kept) if kept else math.inf, -(now if now is not None else -math.inf))
+
+
+def poisoned_accuracy(rows: Mapping[str, Sequence[dict]], split: str = "") -> float | None:
+    """The group's starting (epoch-0) accuracy: every run of a group starts from the same model."""
+    start = next((r for run in rows.values() for r in run if int(r["epoch"]) == 0), {})
+    return _finite(start.get(f"{split}acc1"))
+
+
 @dataclass
 class Decision:
     keep: list[str]
@@ -149,14 +174,17 @@ class Decision:
     incumbents: dict[float, dict | None] = field(default_factory=dict)  # τ -> best feasible run
     scores: dict[float, list[Score]] = field(default_factory=dict)  # τ -> ranking
     split: str = ""  # the metrics ranked on: "val_" (validation split) or "" (test)
+    free: list[str] = field(default_factory=list)  # the ranking by the threshold-free cell (keep_free)
 
 
 def decide(rows: Mapping[str, Sequence[dict]], epoch: int, eta: int, taus: Sequence[float],
-           tiebreak: Mapping[str, float] | None = None, protect: bool = True) -> Decision:
+           tiebreak: Mapping[str, float] | None = None, protect: bool = True,
+           keep_free: bool = True) -> Decision:
     """Which runs of one group go on past the rung at ``epoch``: a pure function of their metrics
     rows (``{run: [metrics.jsonl rows]}``); only rows of epochs 1..epoch count. Equal scores go to
     the smaller ``tiebreak[run]`` (the learning rate), then the name. ``protect=False`` drops the
-    rule that keeps runs more accurate than the incumbent."""
+    rule that keeps runs more accurate than the incumbent; ``keep_free`` also keeps the best
+    ``ceil(n / eta)`` by the threshold-free cell (``keep_score``)."""
     names = sorted(rows)
     tiebreak = tiebreak or {}
     split = split_of(rows)
@@ -176,6 +204,12 @@ def decide(rows: Mapping[str, Sequence[dict]], epoch: int, eta: int, taus: Seque
         decision.scores[tau] = ranking
         decision.incumbents[tau] = None if incumbent is None else {
             "run": incumbent.run, "acc1": incumbent.best_acc, "epoch": incumbent.epoch}
+    if keep_free:
+        poisoned = poisoned_accuracy(rows, split)
+        ranking = sorted(names, key=lambda n: (*keep_score(rows[n], epoch, poisoned, split),
+                                               tiebreak.get(n, math.inf), n))
+        decision.free = ranking
+        keep |= set(ranking[:n_keep])
     decision.split = split
     decision.keep = [n for n in names if n in keep]
     decision.pruned = [n for n in names if n not in keep]
@@ -189,6 +223,8 @@ def pruned_record(decision: Decision, run: str, rung: int, epoch: int, eta: int)
         s = next(s for s in ranking if s.run == run)
         standing[f"{tau:g}"] = {"rank": ranking.index(s) + 1, "of": len(ranking), "feasible": s.feasible,
                                 "best_acc1": s.best_acc, "min_asr1": s.min_asr, "acc1": s.acc_now}
+    if decision.free:
+        standing["threshold-free"] = {"rank": decision.free.index(run) + 1, "of": len(decision.free)}
     return {"rung": rung, "epoch": epoch, "eta": eta, "split": "validation" if decision.split else "test",
             "survivors": decision.keep, "standing": standing,
             "incumbent": {f"{tau:g}": inc for tau, inc in decision.incumbents.items()}}
@@ -228,7 +264,7 @@ def group_states(rows: Mapping[str, Sequence[dict]], settings: PruneSettings,
                     State("done") if m in finished else State("wait"))
             return states
         decision = decide({m: rows[m] for m in alive}, rung, settings.eta, settings.thresholds, tiebreak,
-                          settings.protect)
+                          settings.protect, settings.keep)
         for m in decision.pruned:
             states[m] = State("done") if m in finished else State(
                 "pruned", record=pruned_record(decision, m, i, rung, settings.eta))
@@ -291,8 +327,7 @@ def replay_groups(groups: Mapping[tuple, Mapping[str, Sequence[dict]]], lrs: Map
             same = (full is None and pruned is None) or (
                 both and abs(full.acc1 - pruned.acc1) <= agree_within + 1e-12)
             record["taus"][tau] = {"full": full, "pruned": pruned, "same": same}
-        start = next((r for run_rows in rows.values() for r in run_rows if int(r["epoch"]) == 0), {})
-        poisoned = _finite(start.get("val_acc1" if split_of(rows) else "acc1"))
+        poisoned = poisoned_accuracy(rows, split_of(rows))
         full, _ = select(KEEP_RULE, points(rows, full_reach), poisoned)
         pruned, _ = select(KEEP_RULE, points(rows, trained), poisoned)
         record["keep"] = {"full": full, "pruned": pruned, "same": (full is None and pruned is None) or (

@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the study's)")
     pc.add_argument("--no-protect", action="store_true",
                     help="replay without the rule that keeps runs more accurate than the incumbent")
+    pc.add_argument("--no-keep", action="store_true",
+                    help="replay without keeping the best runs by the threshold-free cell")
     sub.add_parser("status", help="finished / running / failed / pending runs, last metrics, ETA "
                    "(read-only: safe while `study run` runs)").add_argument("dir")
     compare.add_parser(sub)
@@ -321,7 +323,7 @@ def load_for_command(file: str, overrides: list[str], jobs: int | None = None,
 
 
 def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bool = True,
-                thresholds: str | None = None) -> str:
+                thresholds: str | None = None, keep: bool = True) -> str:
     """``study prune-check``: replay successive halving on a finished full grid (exact: a paused
     run's epochs are the full run's) and compare its selections with the full grid's."""
     from clip_backdoor.study.prune import parse_prune, replay_groups
@@ -339,6 +341,8 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bo
             raise UserError(f"--rungs {rungs!r}: expected comma-separated epochs, e.g. 1,3") from None
     if not protect:
         given["protect"] = False
+    if not keep:
+        given["keep"] = False
     if thresholds is not None:
         try:
             given["thresholds"] = [float(t) for t in thresholds.split(",")]
@@ -364,6 +368,7 @@ def prune_check(plan: StudyPlan, eta: int | None, rungs: str | None, protect: bo
     taus = settings.thresholds
     n_runs = sum(len(g) for g in groups.values())
     lines = [f"successive halving eta={settings.eta} rungs={list(settings.rungs)} protect={settings.protect} "
+             f"keep={settings.keep} "
              f"thresholds="
              f"{[f'{t:g}' for t in taus]} replayed on {n_runs} finished cleaning runs of {plan.root} "
              f"({c.epochs} epochs each); ranked and selected on the {result['split']} split"
@@ -443,7 +448,7 @@ def main(argv: list[str]) -> int:
         return main_status(args.dir)
     if args.action == "prune-check":
         print(prune_check(plan_for_dir(args.dir), args.eta, args.rungs, protect=not args.no_protect,
-                          thresholds=args.thresholds))
+                          thresholds=args.thresholds, keep=not args.no_keep))
         return 0
     cluster = {flag: getattr(args, flag.replace("-", "_"), None) for flag in CLUSTER_FLAGS}
     spec = load_for_command(args.file, args.overrides + rest, getattr(args, "jobs", None),
