@@ -109,6 +109,35 @@ def test_an_unfinished_seed_does_not_enter():
     assert c.seeds == [0, 1, 2]
 
 
+def pruned(rows, seed, objective):
+    """Mark one group's run as stopped by cleaning.prune (results.csv's ``pruned`` column)."""
+    for r in rows:
+        if r["stage"] == "clean" and r["seed"] == seed and r["pretrain"] == objective:
+            r["pruned"] = 1
+    return rows
+
+
+def test_a_pruned_group_with_nothing_found_is_left_out_and_named_not_counted_as_destroyed():
+    points = {}
+    for seed, a in enumerate((0.47, 0.46, 0.45, 0.44)):
+        points[(seed, "mmcl")] = [(a, 0.01)]
+        points[(seed, "mmcl+ssl")] = [(0.48, 0.30)]  # never at ASR ≤ 5%
+    rows = pruned(rows_of(points), 3, "mmcl+ssl")  # seed 3: pruning might have hidden a checkpoint
+    c = finding.compare(rows)
+    assert c.seeds == [0, 1, 2] and c.unexplored == [(3, "mmcl+ssl")]
+    assert set(c.imputed) == {(s, "mmcl+ssl") for s in range(3)}  # unpruned "none" is still −100%
+    text = finding.sentence(c)
+    assert "left out as not explored: seed 3 (MMCL+SSL)" in text and "--no-prune" in text
+    # every seed pruned: cannot be tested, and the sentence says why (not "not evaluated yet")
+    for seed in range(3):
+        pruned(rows, seed, "mmcl+ssl")
+    c = finding.compare(rows)
+    assert c.status == "cannot be tested" and c.n == 0 and len(c.unexplored) == 4
+    text = finding.sentence(c)
+    assert "cannot be tested — left out as not explored: seed 0 (MMCL+SSL)" in text
+    assert "no seed has evaluated" not in text
+
+
 def test_cannot_be_tested_without_both_objectives():
     c = finding.compare(rows_of({(0, "mmcl"): [(0.47, 0.02)]}))
     assert c.status == "cannot be tested" and "MMCL+SSL model" in finding.sentence(c)

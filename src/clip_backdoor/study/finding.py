@@ -52,6 +52,7 @@ class Comparison:
     first: list[float] = field(default_factory=list)  # MMCL
     second: list[float] = field(default_factory=list)  # MMCL+SSL
     imputed: list[tuple[int, str]] = field(default_factory=list)  # (seed, objective) that were imputed
+    unexplored: list[tuple[int, str]] = field(default_factory=list)  # left out: pruning hid the answer
     differences: list[float] = field(default_factory=list)  # the paper's way is positive
     test: PairedTest | None = None
     status: str = "cannot be tested"  # established | not established | cannot be tested
@@ -95,6 +96,8 @@ def compare(rows: Sequence[dict], *, confidence: float = select.DEFAULT_CONFIDEN
         for objective, r in zip(objectives, (first[seed], second[seed])):
             value = _value(r, kind)
             if value is None:
+                if r["status"] == "not-explored":  # nothing found, but a pruned run might have found it
+                    out.unexplored.append((seed, objective))
                 break
             if r["status"] != "ok":
                 out.imputed.append((seed, objective))
@@ -108,7 +111,8 @@ def compare(rows: Sequence[dict], *, confidence: float = select.DEFAULT_CONFIDEN
         out.differences.append(values[0] - values[1] if kind == "tau" else values[1] - values[0])
     alpha = 1.0 - confidence
     if out.n == 0:
-        out.reason = "no seed has evaluated checkpoints of both models yet"
+        out.reason = (_unexplored_note(out, tau, kind) if out.unexplored
+                      else "no seed has evaluated checkpoints of both models yet")
         return out
     if out.n < MIN_SEEDS:
         out.status = "not established"
@@ -123,6 +127,15 @@ def compare(rows: Sequence[dict], *, confidence: float = select.DEFAULT_CONFIDEN
         out.reason = ("the difference points the other way" if out.test.mean <= 0 and out.test.p < alpha
                       else f"p = {_p(out.test.p)} is not below {alpha:g}")
     return out
+
+
+def _unexplored_note(c: Comparison, tau: float, kind: str) -> str:
+    """Which seeds pruning left out of the comparison, and how to get them back."""
+    what = (f"reached ASR ≤ {tau * 100:g}%" if kind == "tau"
+            else f"kept ≥ {select.KEEP_ACCURACY * 100:g}% of the accuracy")
+    seeds = ", ".join(f"seed {seed} ({select.objective_label(o)})" for seed, o in c.unexplored)
+    return (f"left out as not explored: {seeds}; no trained checkpoint {what} and some learning rates "
+            "were pruned, which might have (`study run --no-prune` finishes them)")
 
 
 def _value(r: dict, kind: str) -> float | None:
@@ -180,6 +193,8 @@ def sentence(c: Comparison, *, confidence: float = select.DEFAULT_CONFIDENCE,
         text += _power(c, confidence)
     if c.reason:
         text += f" — {c.reason}"
+    if c.unexplored:
+        text += f"; {_unexplored_note(c, tau, c.kind)}"
     text += "."
     if c.imputed:
         text += (f" (* no checkpoint reached ASR ≤ {tau * 100:g}%: counted as −100%, cleaning needed the "
