@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,18 @@ def align_grad_layouts(model: torch.nn.Module) -> int:
     return changed
 
 
+# How long the workers get to release their finished collectives before the group goes (see cleanup).
+_RELEASE_S = 0.2
+
+
 def cleanup(env: DistEnv) -> None:
+    """Leave the process group. A gloo group's destructor (when the DDP model holding it is freed)
+    joins its worker threads while holding the GIL. A worker that is still releasing a finished
+    collective may need the GIL to free a tensor Python made (seen in the DDP test: a worker in
+    ``~AsyncBarrierWork -> decref_pyobject`` waiting for the GIL, the main thread joining it), and
+    then both wait forever. So: one last barrier, then a pause without the GIL in which the workers
+    finish releasing, then the group is destroyed."""
     if env.enabled and dist.is_initialized():
+        dist.barrier()
+        time.sleep(_RELEASE_S)
         dist.destroy_process_group()
