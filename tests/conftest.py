@@ -34,4 +34,3 @@ def poisoned_run(tmp_path_factory):
                 str(root / "cl"), "--epochs", "1", *SMALL, "batch_size=32",
                 f"data.poison_manifest={root / 'clean' / 'manifest.csv'}"]) == 0
     return root / "poisoned", root / "pre", root / "cl"
-

@@ -147,8 +147,8 @@ def assert_same_run(a_dir, b_dir):
 CHILD = """
 import io, signal, sys, time
 import torch
-# Ctrl-C as a shell gives it: an ignored SIGINT is inherited, and a library earlier in the suite
-# leaves the test process with SIGINT ignored
+# Ctrl-C as a shell gives it: an ignored SIGINT is inherited, and pytest started as a background job
+# of a shell without job control (`pytest &` in a script) starts with SIGINT ignored
 signal.signal(signal.SIGINT, signal.default_int_handler)
 if sys.argv[1] == "--slow-save":
     real_save = torch.save

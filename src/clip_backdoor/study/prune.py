@@ -131,10 +131,15 @@ def split_of(rows: Mapping[str, Sequence[dict]]) -> str:
     return "val_" if any(_finite(r.get("val_acc1")) is not None for m in rows.values() for r in m) else ""
 
 
-def score(run: str, rows: Sequence[dict], epoch: int, tau: float, split: str = "") -> Score:
+def _points(rows: Sequence[dict], epoch: int, split: str) -> list[tuple[int, float, float | None]]:
+    """(epoch, acc1, asr1) of a run's evaluated epochs 1..epoch on ``split``."""
     points = [(int(r["epoch"]), _finite(r.get(f"{split}acc1")), _finite(r.get(f"{split}asr1"))) for r in rows
               if 1 <= int(r["epoch"]) <= epoch]
-    points = [p for p in points if p[1] is not None]
+    return [p for p in points if p[1] is not None]
+
+
+def score(run: str, rows: Sequence[dict], epoch: int, tau: float, split: str = "") -> Score:
+    points = _points(rows, epoch, split)
     if not points:
         return Score(run, False, None, None, None, None)
     last = max(points, key=lambda p: p[0])
@@ -148,17 +153,15 @@ def score(run: str, rows: Sequence[dict], epoch: int, tau: float, split: str = "
 
 def keep_score(rows: Sequence[dict], epoch: int, poisoned: float | None, split: str = "") -> tuple:
     """A run's standing by the report's threshold-free cell at a rung: its lowest ASR among epochs
-    1..rung that keep ``KEEP_ACCURACY`` of the poisoned model's accuracy (lower first), then its
-    accuracy now (higher first); a run with no such epoch ranks after every run with one."""
-    from clip_backdoor.study.select import KEEP_ACCURACY
+    1..rung that keep ``KEEP_ACCURACY`` of the poisoned model's accuracy (the report's own rule,
+    ``select.min_asr_keeping``; lower first), then its accuracy now (higher first); a run with no
+    such epoch ranks after every run with one."""
+    from clip_backdoor.study.select import Point, min_asr_keeping
 
-    points = [(int(r["epoch"]), _finite(r.get(f"{split}acc1")), _finite(r.get(f"{split}asr1"))) for r in rows
-              if 1 <= int(r["epoch"]) <= epoch]
-    points = [p for p in points if p[1] is not None]
+    points = _points(rows, epoch, split)
     now = max(points, key=lambda p: p[0])[1] if points else None
-    kept = [p[2] for p in points if p[2] is not None and poisoned is not None
-            and p[1] >= KEEP_ACCURACY * poisoned - _TAU_SLACK]
-    return (min(kept) if kept else math.inf, -(now if now is not None else -math.inf))
+    best, _ = min_asr_keeping([Point(None, e, acc, asr) for e, acc, asr in points], poisoned)
+    return (best.asr1 if best else math.inf, -(now if now is not None else -math.inf))
 
 
 def poisoned_accuracy(rows: Mapping[str, Sequence[dict]], split: str = "") -> float | None:
@@ -315,8 +318,9 @@ def replay_groups(groups: Mapping[tuple, Mapping[str, Sequence[dict]]], lrs: Map
     records, trained_all = [], {}
     for key, rows in groups.items():
         trained = simulate(rows, settings, epochs, tiebreak=lrs)
+        split = split_of(rows)
         # the report's selection: on the validation split when there is one (then test-reported)
-        select = apply_rule_on_validation if split_of(rows) else apply_rule
+        select = apply_rule_on_validation if split else apply_rule
         trained_all.update(trained)
         full_reach = {run: epochs for run in rows}
         record = {"group": key, "share": compute_share(trained, epochs), "taus": {}}
@@ -327,7 +331,7 @@ def replay_groups(groups: Mapping[tuple, Mapping[str, Sequence[dict]]], lrs: Map
             same = (full is None and pruned is None) or (
                 both and abs(full.acc1 - pruned.acc1) <= agree_within + 1e-12)
             record["taus"][tau] = {"full": full, "pruned": pruned, "same": same}
-        poisoned = poisoned_accuracy(rows, split_of(rows))
+        poisoned = poisoned_accuracy(rows, split)
         full, _ = select(KEEP_RULE, points(rows, full_reach), poisoned)
         pruned, _ = select(KEEP_RULE, points(rows, trained), poisoned)
         record["keep"] = {"full": full, "pruned": pruned, "same": (full is None and pruned is None) or (
