@@ -2,7 +2,7 @@
 
 Torch's gloo group joins its worker threads in its destructor while holding the GIL; a worker still
 releasing a finished collective can need the GIL to free a tensor Python made, and then both wait
-forever. The DDP test hung this way about once in three full suite runs. Here two processes go
+forever. The DDP test hung this way twice in about seven full suite runs. Here two processes go
 through the loop's ending (DDP backward, an all-reduce of a Python tensor, a barrier, cleanup, the
 model freed) 40 times in a row. Measured before the fix: the same ending in a plain script hung
 within 20 rounds in 3 of 3 runs, and this test with cleanup as it was (destroy only) hung at 60
